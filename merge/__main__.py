@@ -1,0 +1,3 @@
+from merge.cli import main
+
+main()

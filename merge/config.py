@@ -1,0 +1,217 @@
+"""The merge config: parse and validate the YAML format users already write, loading no tensor.
+
+Parameter values come in three shapes (see docs/configuration.md):
+  * a scalar                      weight: 0.5
+  * a gradient                    weight: [0, 0.5, 1]      anchors spread evenly over a slice's layers
+  * a conditional list            weight: [{filter: self_attn, value: 0.3}, {value: 0.7}]
+A conditional entry's value may itself be a gradient. Lookup order for one tensor and one model:
+source parameters, slice parameters, top-level parameters, method default; a conditional list with no
+matching entry falls through to the next level.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from merge.errors import ConfigError
+
+Scalar = Union[bool, int, float, str]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def _check_parameters(value: Any) -> Optional[dict[str, Any]]:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("must be a mapping of parameter name to value")
+    for name, v in value.items():
+        _check_value(str(name), v)
+    return value
+
+
+def _check_value(name: str, v: Any) -> None:
+    if isinstance(v, (bool, int, float, str)):
+        return
+    if isinstance(v, list) and v:
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            return
+        if all(isinstance(x, dict) for x in v):
+            for entry in v:
+                unknown = set(entry) - {"filter", "value"}
+                if unknown or "value" not in entry:
+                    raise ValueError(
+                        f"'{name}': each conditional entry needs 'value' and optionally 'filter' "
+                        f"(got keys {sorted(entry)})")
+                if entry.get("filter") is not None and not isinstance(entry["filter"], str):
+                    raise ValueError(f"'{name}': a filter must be a string (a tensor-name substring)")
+                _check_value(name, entry["value"])
+            return
+    raise ValueError(
+        f"'{name}' must be a number, a list of numbers (gradient) or a list of "
+        f"{{filter, value}} entries, got {v!r}")
+
+
+class InputModel(_Strict):
+    model: str
+    parameters: Optional[dict[str, Any]] = None
+
+    _params = field_validator("parameters", mode="before")(lambda cls, v: _check_parameters(v))
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_str(cls, v):
+        if isinstance(v, dict) and "model" in v:  # mergekit's nested {model: {model: path}} form
+            v = v["model"]
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError("must be a model path or hub id")
+        return v.strip()
+
+
+class SliceSource(InputModel):
+    layer_range: tuple[int, int]
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v):
+        a, b = v
+        if a < 0 or b <= a:
+            raise ValueError(f"[{a}, {b}) is empty or negative; use [start, end) with 0 <= start < end")
+        return v
+
+
+class Slice(_Strict):
+    sources: list[SliceSource] = Field(min_length=1)
+    parameters: Optional[dict[str, Any]] = None
+    _params = field_validator("parameters", mode="before")(lambda cls, v: _check_parameters(v))
+
+
+class TokenizerConfig(_Strict):
+    source: str = "base"
+    tokens: Optional[dict[str, Any]] = None
+    pad_to_multiple_of: Optional[int] = None
+
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
+          "float16": "float16", "fp16": "float16", "half": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
+
+
+class MergeConfig(_Strict):
+    merge_method: str
+    models: Optional[list[InputModel]] = None
+    slices: Optional[list[Slice]] = None
+    base_model: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerConfig] = None
+    chat_template: Optional[str] = None
+    name: Optional[str] = None  # accepted for compatibility with existing configs (not used)
+
+    _params = field_validator("parameters", mode="before")(lambda cls, v: _check_parameters(v))
+
+    @field_validator("merge_method", mode="before")
+    @classmethod
+    def _method(cls, v):
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError("must be a method name, e.g. linear, slerp, ties")
+        return v.strip().lower()
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _base(cls, v):
+        if isinstance(v, dict) and "model" in v:
+            v = v["model"]
+        return v.strip() if isinstance(v, str) else v
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v is None:
+            return v
+        if v not in DTYPES:
+            raise ValueError(f"unknown dtype '{v}'; use one of float32, float16, bfloat16")
+        return DTYPES[v]
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any) -> "MergeConfig":
+        if not isinstance(data, dict):
+            raise ConfigError("config", "the YAML must be a mapping with at least 'merge_method' "
+                                        "and 'models' or 'slices'")
+        try:
+            cfg = cls.model_validate(data)
+        except ValidationError as e:
+            raise _one_line(e) from None
+        cfg._check_structure()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True, by_alias=True)
+
+    def _check_structure(self) -> None:
+        if (self.models is None) == (self.slices is None):
+            raise ConfigError("models/slices", "give exactly one of 'models' (whole models) or "
+                                               "'slices' (layer ranges)")
+        if self.models is not None and not self.models:
+            raise ConfigError("models", "the list is empty; list at least one model")
+        if self.slices is not None and not self.slices:
+            raise ConfigError("slices", "the list is empty; give at least one slice")
+        for i, s in enumerate(self.slices or []):
+            lengths = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
+            if len(lengths) > 1:
+                ranges = [list(src.layer_range) for src in s.sources]
+                raise ConfigError(f"slices[{i}].sources",
+                                  f"layer ranges {ranges} have unequal lengths; every source of "
+                                  f"one slice must cover the same number of layers")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ConfigError("tokenizer_source", "give either 'tokenizer_source' or the "
+                                                  "'tokenizer:' block, not both")
+
+    # --- views ----------------------------------------------------------------------------------
+    def referenced_models(self) -> list[str]:
+        """Every model reference in order of first appearance, base first."""
+        refs: list[str] = []
+        if self.base_model:
+            refs.append(self.base_model)
+        for m in self.models or []:
+            refs.append(m.model)
+        for s in self.slices or []:
+            refs.extend(src.model for src in s.sources)
+        return list(dict.fromkeys(refs))
+
+
+def _one_line(e: ValidationError) -> ConfigError:
+    err = e.errors()[0]
+    field = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"])
+    field = field.replace(".[", "[") or "config"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key; check its spelling against docs/configuration.md"
+    elif err["type"] == "missing":
+        msg = "required but missing"
+    return ConfigError(field, msg)
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config", f"no such file '{path}'")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid syntax"
+        raise ConfigError(str(path), f"malformed YAML{where}: {problem}") from None
+    return MergeConfig.from_dict(data)

@@ -1,0 +1,233 @@
+"""The engine's public entry points: plan a config, stream it to a folder or into a live model.
+
+    merge_to_folder(config, out_dir, options)      what `mergekit-yaml` does
+    InMemoryMerger(options).merge_into(cfg, model)  what evolution does for every candidate
+
+Both run the same plan through the same kernels with the same dtype casts, so a candidate merged in
+memory is bit-identical to the same config merged to disk.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from merge.config import MergeConfig
+from merge.errors import EvomergeError
+from merge.plan import Plan, SourceCache, TensorPlan, build_plan
+
+log = logging.getLogger("merge")
+
+
+@dataclass
+class MergeOptions:
+    device: str = "cpu"
+    random_seed: Optional[int] = None
+    out_shard_size: int = 5 * 10**9
+    copy_tokenizer: bool = True
+    write_model_card: bool = True
+    overwrite: bool = False
+    quiet: bool = False
+    num_threads: Optional[int] = None
+    trust_remote_code: bool = False
+    allow_crimes: bool = False
+    clone_tensors: bool = False
+
+
+def validate(config: MergeConfig, options: Optional[MergeOptions] = None,
+             cache: Optional[SourceCache] = None) -> Plan:
+    """Check everything that can be checked from headers; load no tensor."""
+    options = options or MergeOptions()
+    return build_plan(config, cache, allow_crimes=options.allow_crimes)
+
+
+def model_layer_count(model_ref: str) -> int:
+    from merge.architecture import layer_count
+    from merge.sources import ModelSource
+
+    return layer_count(ModelSource.open(model_ref).config)[1]
+
+
+class TensorReader:
+    """Reads a plan's inputs from the memory-mapped sources, optionally keeping them for reuse."""
+
+    def __init__(self, plan_sources, device: str, keep: bool = False, clone: bool = False):
+        self.sources = plan_sources
+        self.device = device
+        self.keep = keep
+        self.clone = clone
+        self.cache: dict[tuple[str, str], object] = {}
+
+    def read(self, model: str, tensor: str):
+        key = (model, tensor)
+        if key in self.cache:
+            return self.cache[key]
+        t = self.sources[model].read(tensor, self.device)
+        if self.clone:
+            t = t.clone()
+        if self.keep:
+            self.cache[key] = t
+        return t
+
+
+def _torch_dtype(code_or_name: Optional[str]):
+    import torch
+
+    if code_or_name is None:
+        return None
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "F64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+            "bfloat16": torch.bfloat16, "float64": torch.float64}.get(code_or_name)
+
+
+def merge_tensor(plan: Plan, tp: TensorPlan, reader: TensorReader, seed: Optional[int]):
+    """One output tensor: read its inputs, cast to the compute dtype, run the kernel."""
+    from merge.methods import MergeInputs
+
+    compute = _torch_dtype(plan.compute_dtype)
+    out_dtype = _torch_dtype(tp.dtype)
+
+    def load(inp):
+        t = reader.read(inp.model, inp.tensor)
+        return t.to(compute) if compute is not None and t.is_floating_point() else t
+
+    if tp.copy_only:
+        return reader.read((tp.base or tp.inputs[0]).model, (tp.base or tp.inputs[0]).tensor)
+    inputs = MergeInputs(name=tp.name, tensors=[load(i) for i in tp.inputs],
+                         base=load(tp.base) if tp.base else None, model_params=tp.model_params,
+                         params=tp.params, seed=seed, out_dtype=out_dtype)
+    out = plan.method.kernel(inputs)
+    if out.dtype != out_dtype:
+        out = out.to(out_dtype)
+    return out
+
+
+def execute(plan: Plan, sink: Callable[[str, object], None], reader: TensorReader,
+            options: MergeOptions, progress: bool = True) -> None:
+    import torch
+    from tqdm import tqdm
+
+    if options.num_threads:
+        torch.set_num_threads(options.num_threads)
+    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merging",
+               disable=not progress or options.quiet, leave=False)
+    with torch.no_grad():
+        for tp in plan.tensors:
+            bar.set_postfix_str(tp.name[-40:], refresh=False)
+            sink(tp.name, merge_tensor(plan, tp, reader, options.random_seed))
+            bar.update(tp.nbytes)
+    bar.close()
+
+
+def merge_to_folder(config: MergeConfig, out_dir, options: Optional[MergeOptions] = None,
+                    plan: Optional[Plan] = None) -> Path:
+    from merge.card import write_model_card
+    from merge.writer import AtomicFolder, ShardedWriter, check_output_folder
+
+    options = options or MergeOptions()
+    out_dir = Path(out_dir)
+    plan = plan or validate(config, options)
+    check_output_folder(out_dir, options.overwrite, [s.folder for s in plan.sources.values()])
+    _check_device(options.device)
+    specs = [(t.name, t.shape, t.dtype, t.nbytes) for t in plan.tensors]
+    reader = TensorReader(plan.sources, options.device, clone=options.clone_tensors)
+    with AtomicFolder(out_dir, options.overwrite) as tmp:
+        writer = ShardedWriter(tmp, specs, options.out_shard_size)
+        try:
+            execute(plan, writer.write, reader, options)
+            writer.finish()
+        finally:
+            writer.abort()
+        (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
+        reference = plan.sources[plan.reference].folder
+        if options.copy_tokenizer:
+            copy_tokenizer_files(reference, tmp)
+        gen = reference / "generation_config.json"
+        if gen.is_file():
+            (tmp / "generation_config.json").write_bytes(gen.read_bytes())
+        import yaml
+
+        (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if options.write_model_card:
+            write_model_card(tmp, plan, out_dir.name)
+    return out_dir
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.txt")
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            (dst / name).write_bytes((src / name).read_bytes())
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise EvomergeError(f"--device: '{device}' requested but no CUDA GPU is available; "
+                                f"drop --cuda/--device to merge on the CPU")
+
+
+class InMemoryMerger:
+    """Merges configs over the same input models again and again, without touching disk.
+
+    Input tensors are read once and kept (on `options.device`); each merge re-plans the config
+    (cheap: headers are cached) and streams the results into a live model's parameters.
+    """
+
+    def __init__(self, options: Optional[MergeOptions] = None):
+        self.options = options or MergeOptions(quiet=True)
+        self.cache = SourceCache()
+        self._reader: Optional[TensorReader] = None
+
+    def plan(self, config: MergeConfig) -> Plan:
+        plan = validate(config, self.options, self.cache)
+        if self._reader is None:
+            _check_device(self.options.device)
+            self._reader = TensorReader(self.cache.models, self.options.device, keep=True)
+        return plan
+
+    def merge_state(self, config: MergeConfig) -> dict:
+        plan = self.plan(config)
+        state: dict = {}
+        execute(plan, state.__setitem__, self._reader, self.options, progress=False)
+        return state
+
+    def merge_into(self, config: MergeConfig, model) -> None:
+        import torch
+
+        plan = self.plan(config)
+        targets = dict(model.named_parameters())
+        targets.update(dict(model.named_buffers()))
+        missing = [t.name for t in plan.tensors if t.name not in targets]
+        if missing:
+            raise EvomergeError(f"the model has no parameter '{missing[0]}'; build it with "
+                                f"InMemoryMerger.build_model for this config's layout")
+
+        def copy_in(name, tensor):
+            with torch.no_grad():
+                targets[name].copy_(tensor)
+
+        execute(plan, copy_in, self._reader, self.options, progress=False)
+
+    def build_model(self, config: MergeConfig):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        plan = self.plan(config)
+        cfg_dict = dict(plan.out_config)
+        model_type = cfg_dict.pop("model_type")
+        hf_config = AutoConfig.for_model(model_type, **cfg_dict)
+        dtype = _torch_dtype(plan.out_config.get("torch_dtype")) or torch.float32
+        model = AutoModelForCausalLM.from_config(
+            hf_config, torch_dtype=dtype, trust_remote_code=self.options.trust_remote_code)
+        model.to(self.options.device)
+        self.merge_into(config, model)
+        return model.eval()

@@ -1,0 +1,85 @@
+"""Methods that interpolate whole weights rather than task vectors: linear, slerp, passthrough."""
+from __future__ import annotations
+
+import math
+
+from merge.errors import EvomergeError
+from merge.methods.chunks import flat, output_like, spans
+from merge.methods.registry import MergeInputs, Param, register
+
+DOT_THRESHOLD = 0.9995  # |cos| above this: the vectors are (anti)parallel, slerp degenerates to lerp
+
+
+@register("linear", [Param("weight", per_model=True, doc="this model's weight"),
+                     Param("normalize", default=True, kind=bool,
+                           doc="divide by the sum of the weights")],
+          paper="https://arxiv.org/abs/2203.05482", summary="weighted average Σwᵢθᵢ / Σwᵢ")
+def linear(inp: MergeInputs):
+    weights = [float(w) for w in inp.per_model("weight")]
+    total = sum(weights)
+    if inp.params.get("normalize", True):
+        if abs(total) < 1e-8:
+            raise EvomergeError(f"linear: the weights sum to zero for tensor '{inp.name}'; change "
+                                f"the weights or set normalize: false")
+        weights = [w / total for w in weights]
+    xs = [flat(x) for x in inp.tensors]
+    out = output_like(inp.tensors[0], inp.out_dtype)
+    out_flat = flat(out)
+    for s in spans(xs[0].numel()):
+        acc = xs[0][s].float().mul_(weights[0])
+        for w, x in zip(weights[1:], xs[1:]):
+            acc.add_(x[s].float(), alpha=w)
+        out_flat[s] = acc
+    return out
+
+
+def _dot_and_norms(a, b):
+    """⟨a,b⟩, ‖a‖², ‖b‖² in float64, chunk by chunk."""
+    dot = na = nb = 0.0
+    for s in spans(a.numel()):
+        x, y = a[s].double(), b[s].double()
+        dot += float(x @ y)
+        na += float(x @ x)
+        nb += float(y @ y)
+    return dot, na, nb
+
+
+def slerp_coefficients(t: float, dot: float, na: float, nb: float) -> tuple[float, float]:
+    """Coefficients (c0, c1) so that slerp = c0·v0 + c1·v1 on the raw (unnormalised) tensors."""
+    denom = math.sqrt(na) * math.sqrt(nb)
+    cos = dot / denom if denom > 0 else 0.0
+    if abs(cos) > DOT_THRESHOLD:
+        return 1.0 - t, t
+    theta = math.acos(max(-1.0, min(1.0, cos)))
+    sin_theta = math.sin(theta)
+    return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+@register("slerp", [Param("t", doc="interpolation position: 0 = base, 1 = the other model")],
+          needs_base=True, min_models=1, max_models=1,
+          paper="https://en.wikipedia.org/wiki/Slerp",
+          summary="spherical interpolation between the base and one other model")
+def slerp(inp: MergeInputs):
+    t = float(inp.params["t"])
+    v0, v1 = flat(inp.base), flat(inp.tensors[0])
+    c0, c1 = slerp_coefficients(t, *_dot_and_norms(v0, v1))
+    out = output_like(inp.base, inp.out_dtype)
+    out_flat = flat(out)
+    for s in spans(v0.numel()):
+        out_flat[s] = v0[s].float().mul_(c0).add_(v1[s].float(), alpha=c1)
+    return out
+
+
+@register("passthrough", [Param("scale", default=1.0, per_model=True,
+                                doc="multiply the copied tensor by this")],
+          min_models=1, max_models=1, summary="copy one source unchanged (frankenmerges)")
+def passthrough(inp: MergeInputs):
+    scale = float(inp.model_params[0].get("scale", 1.0))
+    x = inp.tensors[0]
+    if scale == 1.0:
+        return x if inp.out_dtype in (None, x.dtype) else x.to(inp.out_dtype)
+    out = output_like(x, inp.out_dtype)
+    out_flat, x_flat = flat(out), flat(x)
+    for s in spans(x.numel()):
+        out_flat[s] = x_flat[s].float().mul_(scale)
+    return out

@@ -1,0 +1,431 @@
+#!/usr/bin/env python
+"""Build the demo model family: a tiny char-level Llama base and three skill specialists.
+
+The first-run demo needs parents that a merge search can visibly beat, trained in minutes on a CPU.
+What makes merging pay off here (found by experiment on the 2-core machine):
+
+* The specialists must stay close to a common ancestor. Specialists trained far from a base that
+  never saw their skills were each perfect at their own skill, but every merge of them scored near
+  zero (their weight changes interfered).
+* So the base is trained mostly on *copying* (`cpy: abc = abc`), which teaches the shared machinery
+  (read the input, emit one output character per step, stop), plus a little of every skill. Each
+  specialist is then a short, low-learning-rate fine-tune on one skill. Every parent is then good at
+  one skill and mediocre at the others, and adding up their task vectors recovers most of all three.
+
+Skills (prompt -> answer, the answer ends with the eos token):
+    cipher   "cip: abz =" -> " bca"       every letter shifted by one
+    reverse  "rev: abc =" -> " cba"
+    double   "dbl: abc =" -> " aabbcc"
+
+The evaluation items (eval_tasks/data/*.jsonl, written by `--write-tasks`) come from a fixed seed,
+independent of the family seed, and no string that appears in them is ever used as a training input.
+
+Usage:
+    python scripts/make_demo_family.py --out DIR [--seed N] [--quick] [--force]
+    python scripts/make_demo_family.py --write-tasks [--tasks-dir eval_tasks]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import string
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# Bump whenever anything that changes the trained weights changes: cached families are rebuilt.
+RECIPE_VERSION = 1
+
+SKILLS = ("cipher", "reverse", "double")
+PREFIX = {"copy": "cpy", "cipher": "cip", "reverse": "rev", "double": "dbl"}
+LETTERS = string.ascii_lowercase
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+VOCAB = SPECIALS + list(" :=" + LETTERS)
+TOKEN_ID = {t: i for i, t in enumerate(VOCAB)}
+
+MIN_LEN, MAX_LEN = 3, 8  # letters per input, for training and evaluation alike
+
+# Evaluation splits: fixed content, independent of the family seed, committed in eval_tasks/data.
+EVAL_SEED = 1234
+SPLIT_SIZES = {"fit": 60, "heldout": 100}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TASKS_DIR = REPO_ROOT / "eval_tasks"
+MANIFEST = "family.json"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    layers: int = 4
+    hidden: int = 64
+    heads: int = 4
+    intermediate: int = 256
+    batch: int = 64
+    base_steps: int = 600
+    base_lr: float = 2e-3
+    base_mix: tuple = (("copy", 0.7), ("cipher", 0.1), ("reverse", 0.1), ("double", 0.1))
+    spec_steps: int = 150
+    spec_lr: float = 3e-4
+
+
+FULL = Recipe()
+# For CI: same shape of procedure, a fraction of the steps (the parents are weaker but the
+# specialists still clearly beat the base on their own skill).
+QUICK = Recipe(layers=2, intermediate=128, batch=32, base_steps=150, spec_steps=60, spec_lr=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def apply_skill(skill: str, s: str) -> str:
+    if skill == "copy":
+        return s
+    if skill == "cipher":
+        return "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in s)
+    if skill == "reverse":
+        return s[::-1]
+    if skill == "double":
+        return "".join(c + c for c in s)
+    raise ValueError(f"unknown skill {skill!r}")
+
+
+def make_prompt(skill: str, s: str) -> str:
+    # No trailing space: lm-eval joins prompt and target with target_delimiter " ", so the
+    # continuation it scores is " <answer></s>", exactly what the models are trained to emit.
+    return f"{PREFIX[skill]}: {s} ="
+
+
+def encode(text: str) -> list[int]:
+    """Same ids as the saved tokenizer (checked in build_family), without its per-call overhead."""
+    return [TOKEN_ID[c] for c in text]
+
+
+def example_ids(skill: str, s: str) -> tuple[list[int], int]:
+    """(token ids of bos + prompt + " answer" + eos, number of prompt tokens incl. bos)."""
+    prompt = [BOS_ID] + encode(make_prompt(skill, s))
+    return prompt + encode(" " + apply_skill(skill, s)) + [EOS_ID], len(prompt)
+
+
+def _random_string(gen: torch.Generator) -> str:
+    n = int(torch.randint(MIN_LEN, MAX_LEN + 1, (1,), generator=gen))
+    return "".join(LETTERS[i] for i in torch.randint(0, 26, (n,), generator=gen).tolist())
+
+
+def make_eval_items() -> dict[tuple[str, str], list[dict]]:
+    """{(skill, split): [{"input", "prompt", "answer"}, ...]}; every input string is unique overall,
+    so fitness and held-out items are disjoint within and across skills."""
+    gen = torch.Generator().manual_seed(EVAL_SEED)
+    seen: set[str] = set()
+    items: dict[tuple[str, str], list[dict]] = {}
+    for skill in SKILLS:
+        for split, n in SPLIT_SIZES.items():
+            rows = []
+            while len(rows) < n:
+                s = _random_string(gen)
+                if s in seen:
+                    continue
+                seen.add(s)
+                rows.append({"input": s, "prompt": make_prompt(skill, s), "answer": apply_skill(skill, s)})
+            items[(skill, split)] = rows
+    return items
+
+
+def eval_inputs() -> frozenset[str]:
+    return frozenset(r["input"] for rows in make_eval_items().values() for r in rows)
+
+
+class Sampler:
+    """Deterministic training batches that never contain an evaluation input."""
+
+    def __init__(self, seed: int, forbidden: frozenset[str]):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.forbidden = forbidden
+
+    def batch(self, mix: tuple, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        names = [m[0] for m in mix]
+        probs = torch.tensor([m[1] for m in mix], dtype=torch.float64)
+        picks = torch.multinomial(probs, size, replacement=True, generator=self.gen).tolist()
+        seqs, starts = [], []
+        for k in picks:
+            s = _random_string(self.gen)
+            while s in self.forbidden:
+                s = _random_string(self.gen)
+            ids, n_prompt = example_ids(names[k], s)
+            seqs.append(ids)
+            starts.append(n_prompt)
+        return _pad(seqs, starts)
+
+
+def _pad(seqs: list[list[int]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and the mask of answer tokens (the ones that are predicted and scored).
+    Right padding needs no attention mask in a causal model: pads come after every real token."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
+    answer = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, (s, p) in enumerate(zip(seqs, starts)):
+        ids[i, : len(s)] = torch.tensor(s)
+        answer[i, p : len(s)] = True
+    return ids, answer
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, training, scoring
+# ---------------------------------------------------------------------------------------------
+def make_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(dict(TOKEN_ID), unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per char
+    tok.decoder = decoders.Fuse()  # decode without spaces between the characters
+    # Prepend <s> like real Llama tokenizers do, so lm-eval (which encodes with the tokenizer's
+    # defaults) feeds exactly what the models were trained on.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def make_model(recipe: Recipe):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=recipe.hidden,
+        intermediate_size=recipe.intermediate,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.heads,
+        max_position_embeddings=64,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).float()
+
+
+def _loss(model, ids: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids).logits[:, :-1]
+    target = ids[:, 1:].masked_fill(~answer[:, 1:], -100)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100)
+
+
+def train(model, sampler: Sampler, mix: tuple, steps: int, lr: float, batch: int, desc: str,
+          warmup_cosine: bool) -> None:
+    from tqdm.auto import tqdm
+
+    # No weight decay: it would drift every weight and add noise to the task vectors.
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+
+    def lr_at(step: int) -> float:
+        if not warmup_cosine:
+            return lr
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+
+    model.train()
+    bar = tqdm(range(steps), desc=desc, leave=False)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss = _loss(model, *sampler.batch(mix, batch))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+
+@torch.no_grad()
+def score(model, rows: list[dict]) -> float:
+    """Exact-match accuracy: 1 when " answer</s>" is the greedy continuation of the prompt.
+
+    The same test as lm-eval's `loglikelihood` + `acc` (is_greedy), in one batched forward pass."""
+    seqs, starts = zip(*(example_ids_from_row(r) for r in rows))
+    ids, answer = _pad(list(seqs), list(starts))
+    pred = model(input_ids=ids).logits[:, :-1].argmax(-1)
+    ok = (pred == ids[:, 1:]) | ~answer[:, 1:]
+    return ok.all(dim=1).float().mean().item()
+
+
+def example_ids_from_row(row: dict) -> tuple[list[int], int]:
+    prompt = [BOS_ID] + encode(row["prompt"])
+    return prompt + encode(" " + row["answer"]) + [EOS_ID], len(prompt)
+
+
+# ---------------------------------------------------------------------------------------------
+# The family
+# ---------------------------------------------------------------------------------------------
+def _manifest(seed: int, quick: bool, recipe: Recipe) -> dict:
+    return {"recipe_version": RECIPE_VERSION, "seed": seed, "quick": quick, "recipe": asdict(recipe),
+            "members": ["base", *SKILLS]}
+
+
+def _cached(out_dir: Path, want: dict) -> bool:
+    try:
+        have = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    have.pop("build_seconds", None)
+    return have == json.loads(json.dumps(want)) and all(
+        (out_dir / m / f).is_file()
+        for m in want["members"] for f in ("config.json", "model.safetensors", "tokenizer.json")
+    )
+
+
+def _save(model, tokenizer, path: Path) -> None:
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    # Name the generic fast class (not transformers 5's "TokenizersBackend") so the folder also
+    # loads with transformers 4.x.
+    cfg_path = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def build_family(out_dir, seed: int = 0, quick: bool = False, force: bool = False) -> dict[str, Path]:
+    """Train (or reuse) the family under `out_dir`; returns {"base": path, "cipher": path, ...}.
+
+    Deterministic given (seed, quick, RECIPE_VERSION). A folder whose manifest matches is reused;
+    the manifest is written last, so an interrupted build is never mistaken for a complete one."""
+    out_dir = Path(out_dir)
+    recipe = QUICK if quick else FULL
+    want = _manifest(seed, quick, recipe)
+    paths = {m: out_dir / m for m in want["members"]}
+    if not force and _cached(out_dir, want):
+        return paths
+
+    t0 = time.time()
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    for p in paths.values():
+        if p.exists():
+            shutil.rmtree(p)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.set_num_threads(2)
+    tokenizer = make_tokenizer()
+    probe = make_prompt("reverse", "abc") + " cba</s>"
+    assert tokenizer.encode(probe) == [BOS_ID] + encode(probe[: -len("</s>")]) + [EOS_ID]
+
+    forbidden = eval_inputs()
+    torch.manual_seed(seed)
+    base = make_model(recipe)
+    sampler = Sampler(seed, forbidden)
+    train(base, sampler, recipe.base_mix, recipe.base_steps, recipe.base_lr, recipe.batch,
+          desc="base", warmup_cosine=True)
+    _save(base, tokenizer, paths["base"])
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+
+    for i, skill in enumerate(SKILLS):
+        base.load_state_dict(base_state)
+        # Each specialist gets its own data stream so that the order they are built in is irrelevant.
+        spec_sampler = Sampler(seed * 1000 + 17 + i, forbidden)
+        train(base, spec_sampler, ((skill, 1.0),), recipe.spec_steps, recipe.spec_lr, recipe.batch,
+              desc=skill, warmup_cosine=False)
+        _save(base, tokenizer, paths[skill])
+
+    want["build_seconds"] = round(time.time() - t0, 1)
+    (out_dir / MANIFEST).write_text(json.dumps(want, indent=2) + "\n")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# lm-eval tasks
+# ---------------------------------------------------------------------------------------------
+TASK_TEMPLATE = """\
+# Generated by scripts/make_demo_family.py --write-tasks; do not edit by hand.
+task: {task}
+custom_dataset: !function demo_data.load
+dataset_kwargs:
+  data_file: {task}.jsonl
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{prompt}}}}"
+target_delimiter: " "
+doc_to_target: "{{{{answer}}}}</s>"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: {version}
+"""
+
+GROUP_TEMPLATE = """\
+# Generated by scripts/make_demo_family.py --write-tasks; do not edit by hand.
+group: {group}
+task:
+{tasks}
+aggregate_metric_list:
+  - metric: acc
+    aggregation: mean
+    weight_by_size: false
+metadata:
+  version: {version}
+"""
+
+
+def write_tasks(tasks_dir: Path = DEFAULT_TASKS_DIR) -> list[Path]:
+    """Write the JSONL data and task/group YAMLs (deterministic: rerunning changes nothing)."""
+    tasks_dir = Path(tasks_dir)
+    data_dir = tasks_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    items = make_eval_items()
+    for (skill, split), rows in items.items():
+        task = f"demo_{skill}_{split}"
+        f = data_dir / f"{task}.jsonl"
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        y = tasks_dir / f"{task}.yaml"
+        y.write_text(TASK_TEMPLATE.format(task=task, version=RECIPE_VERSION))
+        written += [f, y]
+    for split in SPLIT_SIZES:
+        y = tasks_dir / f"demo_{split}.yaml"
+        tasks = "".join(f"  - demo_{skill}_{split}\n" for skill in SKILLS)
+        y.write_text(GROUP_TEMPLATE.format(group=f"demo_{split}", tasks=tasks.rstrip("\n"),
+                                           version=RECIPE_VERSION))
+        written.append(y)
+    return written
+
+
+def load_rows(task: str, tasks_dir: Path = DEFAULT_TASKS_DIR) -> list[dict]:
+    return [json.loads(line) for line in (Path(tasks_dir) / "data" / f"{task}.jsonl").read_text().splitlines()]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, help="folder for the family (base/, cipher/, reverse/, double/)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="small fast family (for tests)")
+    ap.add_argument("--force", action="store_true", help="rebuild even if a matching family exists")
+    ap.add_argument("--write-tasks", action="store_true", help="(re)write the lm-eval task data and YAMLs")
+    ap.add_argument("--tasks-dir", type=Path, default=DEFAULT_TASKS_DIR)
+    args = ap.parse_args(argv)
+    if not args.out and not args.write_tasks:
+        ap.error("give --out DIR and/or --write-tasks")
+    if args.write_tasks:
+        for p in write_tasks(args.tasks_dir):
+            print(p)
+    if args.out:
+        t0 = time.time()
+        paths = build_family(args.out, seed=args.seed, quick=args.quick, force=args.force)
+        print(f"family ready in {time.time() - t0:.1f}s:")
+        for name, p in paths.items():
+            print(f"  {name:8s} {p}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtual environment in .venv with torch installed FIRST, then evomerge.
+# torch comes first because a bare `torch` requirement would pull a multi-GB CUDA build here; GPU
+# users set EVOMERGE_TORCH_SPEC (e.g. "torch==2.14.1") to get the build they want.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${EVOMERGE_VENV:-.venv}"
+TORCH_SPEC="${EVOMERGE_TORCH_SPEC:-torch==2.13.0}"
+EXTRAS="${EVOMERGE_EXTRAS:-evolve,test}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+stamp="$VENV/.evomerge-installed"
+want="$TORCH_SPEC|$EXTRAS|$(sha1sum pyproject.toml | cut -c1-12)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+"$PY" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+"$PY" -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
+"$PY" -m pip install -q -e ".[$EXTRAS]" 2>&1 | grep -v "^WARNING: Location" || true
+"$PY" -c "import torch, merge" >/dev/null
+echo "$want" > "$stamp"
