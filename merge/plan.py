@@ -291,6 +291,11 @@ def _tensor_plan(cfg: MergeConfig, method: Method, sources, archs, sl: _Slice, o
         else:
             params[pname] = _value(spec, resolve(global_levels, pname, pos), "parameters", None,
                                    method, out_name)
+    if method.check is not None:
+        problem = method.check(model_params, params)
+        if problem:
+            raise ConfigError(sl.path if cfg.slices else "parameters",
+                              f"{problem} (tensor '{out_name}')")
     return TensorPlan(out_name, ref_info.shape, out_dtype, inputs, base, model_params, params,
                       copy_only)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from merge.errors import ConfigError
 
@@ -71,6 +71,9 @@ class Method:
     max_models: int | None = None
     paper: str = ""
     summary: str = ""
+    # Cross-parameter checks run by the planner for every tensor, before loading anything:
+    # check(model_params, params) returns an error message (naming the parameter) or None.
+    check: Optional[Callable[[list[dict[str, Any]], dict[str, Any]], Optional[str]]] = None
 
     @property
     def takes_base(self) -> bool:
