@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -102,12 +103,8 @@ class ModelSource:
         out: dict[str, TensorInfo] = {}
         for f in files:
             if f.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                with safe_open(f, framework="pt") as h:
-                    for name in h.keys():
-                        sl = h.get_slice(name)
-                        out[name] = TensorInfo(name, tuple(sl.get_shape()), sl.get_dtype(), f)
+                for name, meta in read_safetensors_header(f).items():
+                    out[name] = TensorInfo(name, tuple(meta["shape"]), meta["dtype"], f)
             else:
                 for name, t in self._load_bin(f).items():
                     out[name] = TensorInfo(name, tuple(t.shape), _torch_to_st(t.dtype), f)
@@ -158,6 +155,24 @@ class ModelSource:
     def close(self) -> None:
         self._handles.clear()
         self._bin_cache.clear()
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """Tensor names, shapes and dtypes from a safetensors header (8-byte length + JSON).
+
+    Read directly so that validating a config never imports torch.
+    """
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 * 2**20:
+                raise ValueError("header too large")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error) as e:
+        raise EvomergeError(f"'{path}' is not a readable safetensors file ({e}); re-download "
+                            f"or re-save it") from None
+    header.pop("__metadata__", None)
+    return header
 
 
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",

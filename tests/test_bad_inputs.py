@@ -145,3 +145,14 @@ def test_help_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_validation_reads_headers_without_importing_torch(family, tmp_path):
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(family["base"]),
+                                   "models": two(family, {"weight": 1, "density": 0.5})}))
+    code = ("import sys; from merge.config import load_config; from merge.plan import build_plan; "
+            f"p = build_plan(load_config({str(cfg)!r})); assert len(p.tensors) > 30; "
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "ok", result.stderr
