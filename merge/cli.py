@@ -27,6 +27,9 @@ def fail(message: str) -> "NoReturn":  # noqa: F821
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
               help="Copy the base (or first) model's tokenizer into the output.")
 @click.option("--allow-crimes", is_flag=True, help="Allow mixing different architectures.")
+@click.option("--truncate-vocab", is_flag=True,
+              help="Merge models with different vocabularies by cutting to the smallest "
+                   "(prefer tokenizer_source in the config).")
 @click.option("--lazy-unpickle", is_flag=True, help="Accepted for compatibility; loading is always lazy.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder.")
 @click.option("--random-seed", type=int, default=None, help="Seed for random methods (DARE, DELLA).")
@@ -39,7 +42,7 @@ def fail(message: str) -> "NoReturn":  # noqa: F821
 @click.option("-v", "--verbose", is_flag=True, help="Print the plan before merging.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def cli(config_file, out_dir, cuda, device, out_shard_size, copy_tokenizer, allow_crimes,
-        lazy_unpickle, trust_remote_code, random_seed, write_model_card, clone_tensors,
+        truncate_vocab, lazy_unpickle, trust_remote_code, random_seed, write_model_card, clone_tensors,
         num_threads, dry_run, overwrite, verbose, quiet):
     """Merge the models that CONFIG describes into OUT_DIR (a Hugging Face model folder)."""
     from merge.config import load_config
@@ -49,6 +52,7 @@ def cli(config_file, out_dir, cuda, device, out_shard_size, copy_tokenizer, allo
         options = _options(cuda, device, out_shard_size, copy_tokenizer, allow_crimes,
                            trust_remote_code, random_seed, write_model_card, clone_tensors,
                            num_threads, overwrite, quiet, parse_size)
+        options.truncate_vocab = truncate_vocab
         config = load_config(config_file)
         if not dry_run:
             check_output_folder(out_dir, overwrite, [])

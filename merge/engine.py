@@ -34,13 +34,15 @@ class MergeOptions:
     trust_remote_code: bool = False
     allow_crimes: bool = False
     clone_tensors: bool = False
+    truncate_vocab: bool = False
 
 
 def validate(config: MergeConfig, options: Optional[MergeOptions] = None,
              cache: Optional[SourceCache] = None) -> Plan:
     """Check everything that can be checked from headers; load no tensor."""
     options = options or MergeOptions()
-    return build_plan(config, cache, allow_crimes=options.allow_crimes)
+    return build_plan(config, cache, allow_crimes=options.allow_crimes,
+                      truncate_vocab=options.truncate_vocab)
 
 
 def model_layer_count(model_ref: str) -> int:
@@ -95,6 +97,8 @@ def merge_tensor(plan: Plan, tp: TensorPlan, reader: TensorReader, seed: Optiona
 
     if tp.copy_only:
         return reader.read((tp.base or tp.inputs[0]).model, (tp.base or tp.inputs[0]).tensor)
+    if tp.vocab:
+        return _merge_vocab_tensor(plan, tp, load, seed, out_dtype)
     inputs = MergeInputs(name=tp.name, tensors=[load(i) for i in tp.inputs],
                          base=load(tp.base) if tp.base else None, model_params=tp.model_params,
                          params=tp.params, seed=seed, out_dtype=out_dtype)
@@ -102,6 +106,47 @@ def merge_tensor(plan: Plan, tp: TensorPlan, reader: TensorReader, seed: Optiona
     if out.dtype != out_dtype:
         out = out.to(out_dtype)
     return out
+
+
+def _merge_vocab_tensor(plan: Plan, tp: TensorPlan, load, seed, out_dtype):
+    """Embedding/head rows: re-index every model to the output vocabulary, then merge.
+
+    Under a built vocabulary the rows are averaged with the models' weights (or interpolated
+    spherically with `embed_slerp`), because filled rows carry no task vector a sparsifying method
+    could meaningfully trim; under --truncate-vocab the method's own kernel runs.
+    """
+    from merge.methods import METHODS, MergeInputs
+    from merge.vocab import apply_forced, reindex
+
+    vp = plan.vocab
+    members = ([tp.base] if tp.base else []) + list(tp.inputs)
+    raw = {m.model: load(m) for m in members}
+    rows = reindex(vp, raw)
+    if not vp.linear:
+        inputs = MergeInputs(tp.name, [rows[i.model] for i in tp.inputs],
+                             rows[tp.base.model] if tp.base else None, tp.model_params, tp.params,
+                             seed, out_dtype)
+        return plan.method.kernel(inputs).to(out_dtype)
+    if "weight" in plan.method.params and plan.method.params["weight"].per_model:
+        chosen = list(tp.inputs)
+        weights = [float(p["weight"]) for p in tp.model_params]
+    elif "t" in tp.params and tp.base and len(tp.inputs) == 1:
+        chosen = [tp.base, tp.inputs[0]]
+        weights = [1.0 - float(tp.params["t"]), float(tp.params["t"])]
+    else:
+        chosen, weights = members, [1.0] * len(members)
+    if abs(sum(weights)) < 1e-8:
+        chosen, weights = members, [1.0] * len(members)
+    tensors = [rows[m.model] for m in chosen]
+    if vp.embed_slerp and len(tensors) == 2:
+        t = weights[1] / sum(weights)
+        merged = METHODS["slerp"].kernel(MergeInputs(tp.name, [tensors[1]], tensors[0], [{}],
+                                                     {"t": t}, seed, out_dtype))
+    else:
+        merged = METHODS["linear"].kernel(MergeInputs(tp.name, tensors, None,
+                                                      [{"weight": w} for w in weights],
+                                                      {"normalize": True}, seed, out_dtype))
+    return apply_forced(vp, merged.to(out_dtype), raw)
 
 
 def execute(plan: Plan, sink: Callable[[str, object], None], reader: TensorReader,
@@ -124,6 +169,7 @@ def execute(plan: Plan, sink: Callable[[str, object], None], reader: TensorReade
 def merge_to_folder(config: MergeConfig, out_dir, options: Optional[MergeOptions] = None,
                     plan: Optional[Plan] = None) -> Path:
     from merge.card import write_model_card
+    from merge.tokenizer import write_tokenizer
     from merge.writer import AtomicFolder, ShardedWriter, check_output_folder
 
     options = options or MergeOptions()
@@ -142,8 +188,8 @@ def merge_to_folder(config: MergeConfig, out_dir, options: Optional[MergeOptions
             writer.abort()
         (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
         reference = plan.sources[plan.reference].folder
-        if options.copy_tokenizer:
-            copy_tokenizer_files(reference, tmp)
+        if options.copy_tokenizer or plan.vocab is not None:
+            write_tokenizer(plan, tmp)
         gen = reference / "generation_config.json"
         if gen.is_file():
             (tmp / "generation_config.json").write_bytes(gen.read_bytes())
@@ -153,17 +199,6 @@ def merge_to_folder(config: MergeConfig, out_dir, options: Optional[MergeOptions
         if options.write_model_card:
             write_model_card(tmp, plan, out_dir.name)
     return out_dir
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "vocab.txt")
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            (dst / name).write_bytes((src / name).read_bytes())
 
 
 def _check_device(device: str) -> None:

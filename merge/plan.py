@@ -15,8 +15,10 @@ from merge.errors import ConfigError, EvomergeError
 from merge.methods import Method, get_method
 from merge.parameters import Position, resolve
 from merge.sources import ModelSource, TensorInfo
+from merge.vocab import VocabPlan, plan_vocab
 
 _FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
+UNIVERSAL_PARAMS = {"embed_slerp"}  # top-level switches that apply to any method
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class TensorPlan:
     model_params: list[dict[str, Any]]
     params: dict[str, Any]
     copy_only: bool = False             # non-float tensors (buffers) are copied from the reference
+    vocab: bool = False                 # rows are tokens: re-indexed to the output vocabulary
 
     @property
     def nbytes(self) -> int:
@@ -57,6 +60,7 @@ class Plan:
     out_config: dict[str, Any]
     compute_dtype: Optional[str]
     layer_map: list[tuple[str, int]] = field(default_factory=list)  # output layer → (model, layer)
+    vocab: Optional[VocabPlan] = None    # set when embedding rows are re-indexed
 
     @property
     def total_bytes(self) -> int:
@@ -120,13 +124,10 @@ class _Slice:
 
 
 def build_plan(cfg: MergeConfig, cache: Optional[SourceCache] = None,
-               allow_crimes: bool = False) -> Plan:
+               allow_crimes: bool = False, truncate_vocab: bool = False) -> Plan:
     method = get_method(cfg.merge_method)
     cache = cache or SourceCache()
     _check_parameter_names(cfg, method)
-    if cfg.tokenizer is not None or cfg.tokenizer_source not in (None, "base"):
-        raise ConfigError("tokenizer_source", "vocabulary merging is not available in this version; "
-                                              "remove the setting to use the base model's tokenizer")
     if method.needs_base and not cfg.base_model:
         raise ConfigError("base_model", f"{method.name} needs a base model; add base_model: <path>")
 
@@ -137,13 +138,15 @@ def build_plan(cfg: MergeConfig, cache: Optional[SourceCache] = None,
 
     slices = _canonical_slices(cfg, method, archs)
     reference = cfg.base_model or slices[0].sources[0][1].model
+    others = [r for r in cfg.referenced_models() if r != cfg.base_model]
+    vocab = plan_vocab(cfg, sources, others, truncate_vocab)
     plans: list[TensorPlan] = []
     layer_map: list[tuple[str, int]] = []
 
     first, last = slices[0], slices[-1]
     ref_first = archs[first.reference.model]
     for name in ref_first.pre:
-        plans.append(_tensor_plan(cfg, method, sources, archs, first, name, name, None))
+        plans.append(_tensor_plan(cfg, method, sources, archs, first, name, name, None, vocab=vocab))
     out_layer = 0
     for sl in slices:
         ref_src = sl.reference
@@ -158,10 +161,26 @@ def build_plan(cfg: MergeConfig, cache: Optional[SourceCache] = None,
             out_layer += 1
     ref_last = archs[last.reference.model]
     for name in ref_last.post:
-        plans.append(_tensor_plan(cfg, method, sources, archs, last, name, name, None))
+        plans.append(_tensor_plan(cfg, method, sources, archs, last, name, name, None, vocab=vocab))
 
     out_config = _output_config(sources, reference, archs[reference], layer_map, plans, cfg)
-    return Plan(cfg, method, sources, reference, plans, out_layer, out_config, cfg.dtype, layer_map)
+    if vocab is not None:
+        _set_vocab_size(out_config, vocab.size)
+    if cfg.chat_template not in (None, "auto"):
+        from merge.tokenizer import TEMPLATES
+
+        if cfg.chat_template not in TEMPLATES and "{{" not in cfg.chat_template \
+                and "{%" not in cfg.chat_template:
+            raise ConfigError("chat_template", f"'{cfg.chat_template}' is neither auto, a known "
+                                               f"name ({', '.join(TEMPLATES)}) nor a Jinja template")
+    return Plan(cfg, method, sources, reference, plans, out_layer, out_config, cfg.dtype, layer_map,
+                vocab)
+
+
+def _set_vocab_size(config: dict, size: int) -> None:
+    for cfg in (config, config.get("text_config")):
+        if isinstance(cfg, dict) and "vocab_size" in cfg:
+            cfg["vocab_size"] = size
 
 
 def _check_parameter_names(cfg: MergeConfig, method: Method) -> None:
@@ -175,6 +194,8 @@ def _check_parameter_names(cfg: MergeConfig, method: Method) -> None:
             levels.append((f"slices[{i}].sources[{j}].parameters", src.parameters, True))
     for path, params, per_model_level in levels:
         for name in params or {}:
+            if name in UNIVERSAL_PARAMS and path == "parameters":
+                continue
             spec = method.params.get(name)
             if spec is None:
                 raise ConfigError(f"{path}.{name}", f"unknown parameter for {method.name}; it "
@@ -259,20 +280,24 @@ def _source_tensor(src_model: str, archs, sources, rest_or_name: str, layer: Opt
 
 
 def _tensor_plan(cfg: MergeConfig, method: Method, sources, archs, sl: _Slice, out_name: str,
-                 key: str, pos: Optional[Position], layer: Optional[int] = None) -> TensorPlan:
+                 key: str, pos: Optional[Position], layer: Optional[int] = None,
+                 vocab: Optional[VocabPlan] = None) -> TensorPlan:
     pos = pos or Position(out_name)
     inputs = [_source_tensor(s.model, archs, sources, key, layer, s) for _, s in sl.inputs]
     base = (_source_tensor(sl.base[1].model, archs, sources, key, layer, sl.base[1])
             if sl.base else None)
     infos: list[tuple[Input, TensorInfo]] = [(i, sources[i.model].tensors[i.tensor])
                                               for i in ([base] if base else []) + inputs]
-    shapes = {info.shape for _, info in infos}
+    is_vocab = vocab is not None and layer is None and all(
+        info.shape and info.shape[0] == _rows(sources[i.model], archs[i.model]) for i, info in infos)
+    shapes = {info.shape[1:] if is_vocab else info.shape for _, info in infos}
     if len(shapes) > 1:
         desc = ", ".join(f"'{i.model}' {list(info.shape)}" for i, info in infos)
         raise EvomergeError(f"models: tensor '{out_name}' has mismatched shapes ({desc}); the models "
                             f"differ in size (hidden size, vocabulary) and cannot be merged "
                             f"tensor by tensor")
     ref_info = infos[0][1]
+    shape = (vocab.size, *ref_info.shape[1:]) if is_vocab else ref_info.shape
     copy_only = ref_info.dtype not in _FLOAT_CODES
     out_dtype = ref_info.dtype
     if not copy_only and (cfg.out_dtype or cfg.dtype):
@@ -296,8 +321,13 @@ def _tensor_plan(cfg: MergeConfig, method: Method, sources, archs, sl: _Slice, o
         if problem:
             raise ConfigError(sl.path if cfg.slices else "parameters",
                               f"{problem} (tensor '{out_name}')")
-    return TensorPlan(out_name, ref_info.shape, out_dtype, inputs, base, model_params, params,
-                      copy_only)
+    return TensorPlan(out_name, shape, out_dtype, inputs, base, model_params, params, copy_only,
+                      is_vocab)
+
+
+def _rows(src: ModelSource, arch) -> int:
+    name = arch.embedding_name()
+    return src.tensors[name].shape[0] if name else -1
 
 
 def _value(spec, found, path: str, model: Optional[str], method: Method, tensor: str):
