@@ -55,8 +55,10 @@ def resolve_folder(ref: ModelRef, field: str) -> Path:
         from huggingface_hub import snapshot_download
 
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        # Read the cache location now, not at import: tools and tests set it per run.
         return Path(snapshot_download(ref.path, revision=ref.revision, allow_patterns=HUB_PATTERNS,
-                                      local_files_only=offline))
+                                      local_files_only=offline,
+                                      cache_dir=os.environ.get("HF_HUB_CACHE") or None))
     except Exception as e:  # the hub library raises many kinds; all mean "not available"
         raise EvomergeError(
             f"{field}: '{ref}' is neither a local folder nor available from the Hugging Face hub "
@@ -80,14 +82,18 @@ class ModelSource:
     label: str = "model"   # the config field that names this model, for error messages
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _bin_cache: dict[Path, dict] = field(default_factory=dict, repr=False)
+    adapter: Any = None    # a merge.lora.LoraAdapter applied as tensors are read (`base+adapter`)
 
     @classmethod
     def open(cls, text: str, label: str = "model") -> "ModelSource":
         ref = ModelRef.parse(text)
+        source = cls(ref, resolve_folder(ref, label), label)
         if ref.lora:
-            raise EvomergeError(f"{label}: LoRA inputs ('+{ref.lora}') are not supported by this "
-                                f"version; merge the adapter into the model first")
-        return cls(ref, resolve_folder(ref, label), label)
+            from merge.lora import open_adapter
+
+            # Validated against the base's headers now, applied lazily per tensor in read().
+            source.adapter = open_adapter(ref.lora, label, source.tensors)
+        return source
 
     @cached_property
     def config(self) -> dict[str, Any]:
@@ -139,7 +145,14 @@ class ModelSource:
         return self._bin_cache[f]
 
     def read(self, name: str, device: str = "cpu"):
-        """Load one tensor (a copy, independent of the memory map)."""
+        """Load one tensor (a copy, independent of the memory map), with the LoRA applied if any."""
+        if self.adapter is not None and name in self.adapter.targets:
+            info = self.tensors[name]
+            t = self.adapter.apply(name, lambda: self._read_base(name), st_to_torch(info.dtype))
+            return t.to(device) if device != "cpu" else t
+        return self._read_base(name, device)
+
+    def _read_base(self, name: str, device: str = "cpu"):
         info = self.tensors[name]
         if info.file.suffix == ".safetensors":
             h = self._handles.get(info.file)
@@ -155,6 +168,8 @@ class ModelSource:
     def close(self) -> None:
         self._handles.clear()
         self._bin_cache.clear()
+        if self.adapter is not None:
+            self.adapter.close()
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict]:

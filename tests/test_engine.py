@@ -342,3 +342,31 @@ def test_overwrite_replaces_existing_output(family, tmp_path):
     assert (tmp_path / "o" / "old.txt").exists()
     run(cfg, tmp_path / "o", overwrite=True)
     assert not (tmp_path / "o" / "old.txt").exists() and (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_hub_ids_resolve_offline_from_a_populated_cache(family, tmp_path, monkeypatch):
+    """A hub id (with @revision) is read from the Hugging Face cache when offline; the model card
+    names it as base_model."""
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--someorg--tiny-base"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in family["base"].iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = {"merge_method": "task_arithmetic", "base_model": "someorg/tiny-base@main",
+           "models": [{"model": str(family["c0"]), "parameters": {"weight": 1.0}}]}
+    out = run(cfg, tmp_path / "o")
+    (c0,) = states(family, "c0")
+    for k in c0:
+        torch.testing.assert_close(out[k], c0[k])
+    front = (tmp_path / "o" / "README.md").read_text().split("---")[1]
+    assert yaml.safe_load(front)["base_model"] == ["someorg/tiny-base"]
+    assert "merge" in yaml.safe_load(front)["tags"]
+    cfg["base_model"] = "someorg/not-cached"
+    with pytest.raises(EvomergeError, match="base_model.*not-cached.*cache"):
+        run(cfg, tmp_path / "o2")
