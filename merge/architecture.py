@@ -31,6 +31,12 @@ class Architecture:
     def layer_tensor(self, layer: int, rest: str) -> str:
         return f"{self.layer_prefix}.{layer}.{rest}"
 
+    def head_name(self) -> str | None:
+        for n in self.post:
+            if n.endswith("lm_head.weight") or n.endswith("embed_out.weight"):
+                return n
+        return None
+
     def embedding_name(self) -> str | None:
         for n in self.pre:
             if re.search(r"(embed_tokens|wte|word_embeddings|embed_in)\.weight$", n):

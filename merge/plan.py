@@ -162,8 +162,18 @@ def build_plan(cfg: MergeConfig, cache: Optional[SourceCache] = None,
     ref_last = archs[last.reference.model]
     for name in ref_last.post:
         plans.append(_tensor_plan(cfg, method, sources, archs, last, name, name, None, vocab=vocab))
+    # A tied reference beside untied inputs: their heads carry information, so the output gets a
+    # head of its own (the tied models contribute their embeddings to it).
+    heads = sorted({archs[s.model].head_name() for _, s in last.sources
+                    if not archs[s.model].tied_embeddings and archs[s.model].head_name()})
+    untie = ref_last.tied_embeddings and bool(heads)
+    if untie:
+        plans.append(_tensor_plan(cfg, method, sources, archs, last, heads[0], heads[0], None,
+                                  vocab=vocab))
 
     out_config = _output_config(sources, reference, archs[reference], layer_map, plans, cfg)
+    if untie:
+        out_config["tie_word_embeddings"] = False
     if vocab is not None:
         _set_vocab_size(out_config, vocab.size)
     if cfg.chat_template not in (None, "auto"):

@@ -370,3 +370,45 @@ def test_hub_ids_resolve_offline_from_a_populated_cache(family, tmp_path, monkey
     cfg["base_model"] = "someorg/not-cached"
     with pytest.raises(EvomergeError, match="base_model.*not-cached.*cache"):
         run(cfg, tmp_path / "o2")
+
+
+def test_tied_reference_with_untied_input_keeps_a_real_head(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tied = build_model(tmp_path / "tied", seed=2, tie_word_embeddings=True)
+    untied = build_model(tmp_path / "untied", seed=1)
+    out = run({"merge_method": "linear",
+               "models": [{"model": str(tied), "parameters": {"weight": 1.0}},
+                          {"model": str(untied), "parameters": {"weight": 3.0}}]}, tmp_path / "o")
+    t, u = load_state(tied), load_state(untied)
+    torch.testing.assert_close(out["lm_head.weight"],
+                               (t["model.embed_tokens.weight"] + 3 * u["lm_head.weight"]) / 4)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    torch.testing.assert_close(model.lm_head.weight.data, out["lm_head.weight"])
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+
+
+def test_no_kernel_modifies_its_inputs():
+    """Inputs can be views of a memory map or of the in-memory cache: a kernel that writes to them
+    corrupts every later read (e.g. a tied head re-reading its embedding)."""
+    from merge.methods import METHODS, MergeInputs
+
+    g = torch.Generator().manual_seed(0)
+    for name, method in sorted(METHODS.items()):
+        n = method.min_models if method.max_models == method.min_models else max(2, method.min_models)
+        tensors = [torch.randn(64, 48, generator=g) for _ in range(n)]
+        base = torch.randn(64, 48, generator=g) if method.takes_base else None
+        model_params, params = [{} for _ in tensors], {}
+        for p in method.params.values():
+            value = p.default if not p.required else 0.5
+            if p.per_model:
+                for mp in model_params:
+                    mp[p.name] = value
+            else:
+                params[p.name] = value
+        before = [t.clone() for t in tensors] + ([base.clone()] if base is not None else [])
+        method.kernel(MergeInputs("model.layers.0.mlp.up_proj.weight", tensors, base, model_params,
+                                  params, seed=0, out_dtype=torch.float32))
+        after = tensors + ([base] if base is not None else [])
+        for b, a in zip(before, after):
+            assert torch.equal(a, b), f"{name} modified an input"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from merge.errors import EvomergeError
-from merge.methods.chunks import flat, output_like, spans
+from merge.methods.chunks import f32, flat, output_like, spans
 from merge.methods.registry import MergeInputs, Param, register
 
 DOT_THRESHOLD = 0.9995  # |cos| above this: the vectors are (anti)parallel, slerp degenerates to lerp
@@ -26,7 +26,7 @@ def linear(inp: MergeInputs):
     out = output_like(inp.tensors[0], inp.out_dtype)
     out_flat = flat(out)
     for s in spans(xs[0].numel()):
-        acc = xs[0][s].float().mul_(weights[0])
+        acc = f32(xs[0][s]).mul_(weights[0])
         for w, x in zip(weights[1:], xs[1:]):
             acc.add_(x[s].float(), alpha=w)
         out_flat[s] = acc
@@ -66,7 +66,7 @@ def slerp(inp: MergeInputs):
     out = output_like(inp.base, inp.out_dtype)
     out_flat = flat(out)
     for s in spans(v0.numel()):
-        out_flat[s] = v0[s].float().mul_(c0).add_(v1[s].float(), alpha=c1)
+        out_flat[s] = f32(v0[s]).mul_(c0).add_(v1[s].float(), alpha=c1)
     return out
 
 
@@ -81,5 +81,5 @@ def passthrough(inp: MergeInputs):
     out = output_like(x, inp.out_dtype)
     out_flat, x_flat = flat(out), flat(x)
     for s in spans(x.numel()):
-        out_flat[s] = x_flat[s].float().mul_(scale)
+        out_flat[s] = f32(x_flat[s]).mul_(scale)
     return out

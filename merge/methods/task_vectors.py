@@ -4,45 +4,28 @@
        → Σδᵢ, normalised by the summed weights (optional) → ×λ → + θ_base
 
 Methods differ only in how they sparsify and which defaults they take, so a new one is a
-`Sparsifier` plus a `register` call. Global statistics (magnitude thresholds) are computed once per
-model over the whole tensor; everything else runs chunk by chunk in fp32.
+`Sparsifier` (merge/methods/sparsify.py) plus a `register` call. Thresholds are found by streaming
+over τᵢ once per model (no full-size buffer); the merge itself runs chunk by chunk in fp32 in
+reused scratch buffers.
+
+Sign consensus (TIES): the elected sign is s = sign(Σδᵢ); δᵢ survives where δᵢ·s > 0; with
+`normalize` the sum of the survivors is divided by the sum of the weights of the models that
+survive at that entry (1 where none does).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from merge.methods.chunks import flat, output_like, spans
+from merge.methods.chunks import flat, max_span, output_like, row_spans, scratch
 from merge.methods.registry import MergeInputs, Param, register
-from merge.methods.selection import magnitude_threshold
+from merge.methods.sparsify import (ChunkFn, bernoulli, band, della_check, magnitude,
+                                    magprune)
 
 EPS = 1e-8
 
-# A sparsifier is prepared once per (tensor, model) and then applied to chunks of that model's τ.
-ChunkFn = Callable[[object, slice], object]   # (τ chunk fp32, span) -> sparsified τ chunk
 Sparsifier = Callable[[MergeInputs, int], Optional[ChunkFn]]
-
-
-def abs_task_vector(inp: MergeInputs, i: int):
-    """|τᵢ| over the whole tensor, as one fp32 buffer (the only full-size temporary)."""
-    import torch
-
-    x, b = flat(inp.tensors[i]), flat(inp.base)
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    for s in spans(x.numel()):
-        torch.sub(x[s].float(), b[s].float(), out=out[s])
-    return out.abs_()
-
-
-def magnitude(inp: MergeInputs, i: int) -> Optional[ChunkFn]:
-    """TIES: keep the top-`density` fraction of |τᵢ| (per tensor)."""
-    density = float(inp.model_params[i]["density"])
-    if density >= 1.0:
-        return None
-    if density <= 0.0:
-        return lambda d, s: d.zero_()
-    thr = magnitude_threshold(abs_task_vector(inp, i), density)
-    return lambda d, s: d.mul_(d.abs() >= thr)
 
 
 @dataclass(frozen=True)
@@ -52,45 +35,94 @@ class Pipeline:
 
 
 def task_vector_merge(inp: MergeInputs, pipeline: Pipeline):
-    import torch
-
     weights = [float(w) for w in inp.per_model("weight")]
     lam = float(inp.params.get("lambda", 1.0))
     normalize = bool(inp.params.get("normalize", False))
     fns = [pipeline.sparsify(inp, i) if pipeline.sparsify else None
            for i in range(len(inp.tensors))]
+    shape = inp.base.shape
     base = flat(inp.base)
     xs = [flat(x) for x in inp.tensors]
-    w = torch.tensor(weights, dtype=torch.float32, device=base.device)
     out = output_like(inp.base, inp.out_dtype)
     out_flat = flat(out)
-    for s in spans(base.numel()):
-        b = base[s].float()
-        deltas = []
-        for i, x in enumerate(xs):
-            d = x[s].float() - b
-            if fns[i] is not None:
-                d = fns[i](d, s)
-            deltas.append(d.mul_(weights[i]))
-        d = torch.stack(deltas)
+    n_models = len(xs)
+    held = n_models if pipeline.consensus else 2   # chunk buffers of δ held at once
+    bufs = scratch(held + 3, max_span(shape), base.device)
+    b_buf, tmp_buf, div_buf, deltas = bufs[0], bufs[1], bufs[2], bufs[3:]
+    total_w = sum(weights)
+
+    for s in row_spans(shape):
+        k = s.stop - s.start
+        b, tmp = b_buf[:k], tmp_buf[:k]
+        b.copy_(base[s])
         if pipeline.consensus:
-            elected = torch.sign(d.sum(dim=0))
-            agree = torch.sign(d) == elected
-            d.mul_(agree)
-            divisor = (w[:, None] * agree).sum(dim=0)
+            ds = [deltas[i][:k] for i in range(n_models)]
+            for i in range(n_models):
+                _delta(xs[i][s], b, ds[i], fns[i], s, weights[i], tmp)
+            merged = _consensus(ds, weights, normalize, div_buf[:k], tmp)
         else:
-            divisor = w.sum().expand(d.shape[1])
-        merged = d.sum(dim=0)
-        if normalize:
-            merged.div_(torch.where(divisor.abs() < EPS, torch.ones_like(divisor), divisor))
-        out_flat[s] = b.add_(merged, alpha=lam)
+            merged, d = deltas[0][:k], deltas[1][:k]
+            merged.zero_()
+            for i in range(n_models):
+                _delta(xs[i][s], b, d, fns[i], s, weights[i], tmp)
+                merged.add_(d)
+            if normalize:
+                merged.div_(total_w if abs(total_w) >= EPS else 1.0)
+        b.add_(merged, alpha=lam)
+        out_flat[s].copy_(b)
     return out
 
+
+def _delta(x, b, d, fn, s, w, tmp) -> None:
+    """d ← w · sparsify(x − b), in place."""
+    d.copy_(x)
+    d.sub_(b)
+    if fn is None:
+        d.mul_(w)
+    else:
+        fn(d, s, w, tmp)
+
+
+def _consensus(ds, weights, normalize, div, tmp):
+    """TIES sign consensus over the weighted deltas (consumed in place); returns the merged chunk."""
+    import torch
+
+    elected = tmp
+    torch.stack  # noqa: B018  (kept simple: sum in place, no stacked copy)
+    elected.copy_(ds[0])
+    for d in ds[1:]:
+        elected.add_(d)
+    elected.sign_()
+    if normalize:
+        div.zero_()
+    for d, w in zip(ds, weights):
+        d.mul_(elected).clamp_min_(0.0)           # |δᵢ| where it agrees with the elected sign
+        if normalize:
+            div.add_(torch.sign(d), alpha=w)       # sign of |δᵢ| is 1 where it survives
+    merged = ds[0]
+    for d in ds[1:]:
+        merged.add_(d)
+    merged.mul_(elected)
+    if normalize:
+        div.masked_fill_(div.abs() < EPS, 1.0)
+        merged.div_(div)
+    return merged
+
+
+# --- parameters -----------------------------------------------------------------------------------
 
 WEIGHT = Param("weight", per_model=True, doc="scale of this model's task vector")
 DENSITY = Param("density", default=1.0, per_model=True, min=0.0, max=1.0,
                 doc="fraction of the task vector kept")
-LAMBDA = Param("lambda", default=1.0, doc="scale of the merged task vector")
+LAMBDA = Param("lambda", default=1.0, min=-math.inf, max=math.inf,
+               doc="scale of the merged task vector")
+INT8_MASK = Param("int8_mask", default=False, kind=bool,
+                  doc="accepted for compatibility; no effect (masks are never stored: the merge "
+                      "runs in fp32 chunks)")
+GAMMA = Param("gamma", default=0.01, per_model=True, min=0.0, max=1.0,
+              doc="fraction of largest-magnitude entries dropped as outliers")
+EPSILON = Param("epsilon", default=0.15, per_model=True, min=0.0, max=1.0,
+                doc="keep-probabilities range over density ± epsilon by magnitude rank")
 
 
 def _normalize(default: bool) -> Param:
@@ -98,16 +130,75 @@ def _normalize(default: bool) -> Param:
                  doc="divide the merged task vector by the sum of the weights")
 
 
-@register("task_arithmetic", [WEIGHT, _normalize(False), LAMBDA], needs_base=True,
+def _rescale(default: bool) -> Param:
+    return Param("rescale", default=default, kind=bool,
+                 doc="rescale kept entries so the L1 norm of each task vector is preserved")
+
+
+def _params(normalize: bool, *extra: Param, rescale: Optional[bool] = None) -> list[Param]:
+    out = [WEIGHT, *extra, _normalize(normalize)]
+    if rescale is not None:
+        out.append(_rescale(rescale))
+    return out + [LAMBDA, INT8_MASK]
+
+
+# --- methods --------------------------------------------------------------------------------------
+
+@register("task_arithmetic", _params(False), needs_base=True,
           paper="https://arxiv.org/abs/2212.04089",
           summary="base + λ·Σ wᵢ(θᵢ − base)")
 def task_arithmetic(inp: MergeInputs):
     return task_vector_merge(inp, Pipeline())
 
 
-@register("ties", [WEIGHT, DENSITY, _normalize(True), LAMBDA], needs_base=True,
+@register("ties", _params(True, DENSITY, rescale=False), needs_base=True,
           paper="https://arxiv.org/abs/2306.01708",
           summary="trim task vectors to their top-density magnitudes, elect a sign per entry, "
                   "average the agreeing ones")
 def ties(inp: MergeInputs):
     return task_vector_merge(inp, Pipeline(sparsify=magnitude, consensus=True))
+
+
+@register("dare_linear", _params(False, DENSITY, rescale=True), needs_base=True,
+          paper="https://arxiv.org/abs/2311.03099",
+          summary="random Bernoulli(density) drop of task-vector entries, rescaled by 1/density, "
+                  "then task arithmetic")
+def dare_linear(inp: MergeInputs):
+    return task_vector_merge(inp, Pipeline(sparsify=bernoulli))
+
+
+@register("dare_ties", _params(False, DENSITY, rescale=True), needs_base=True,
+          paper="https://arxiv.org/abs/2311.03099",
+          summary="DARE random drop and rescale, then TIES sign consensus")
+def dare_ties(inp: MergeInputs):
+    return task_vector_merge(inp, Pipeline(sparsify=bernoulli, consensus=True))
+
+
+@register("breadcrumbs", _params(False, DENSITY, GAMMA, rescale=False), needs_base=True,
+          paper="https://arxiv.org/abs/2312.06795",
+          summary="drop the largest (gamma) and smallest task-vector entries, keep density; "
+                  "then task arithmetic")
+def breadcrumbs(inp: MergeInputs):
+    return task_vector_merge(inp, Pipeline(sparsify=band))
+
+
+@register("breadcrumbs_ties", _params(False, DENSITY, GAMMA, rescale=False), needs_base=True,
+          paper="https://arxiv.org/abs/2312.06795",
+          summary="model breadcrumbs sparsification, then TIES sign consensus")
+def breadcrumbs_ties(inp: MergeInputs):
+    return task_vector_merge(inp, Pipeline(sparsify=band, consensus=True))
+
+
+@register("della", _params(True, DENSITY, EPSILON, rescale=True), needs_base=True,
+          check=della_check, paper="https://arxiv.org/abs/2406.11617",
+          summary="magnitude-rank-dependent random drop (MagPrune) and rescale, then TIES sign "
+                  "consensus")
+def della(inp: MergeInputs):
+    return task_vector_merge(inp, Pipeline(sparsify=magprune, consensus=True))
+
+
+@register("della_linear", _params(False, DENSITY, EPSILON, rescale=True), needs_base=True,
+          check=della_check, paper="https://arxiv.org/abs/2406.11617",
+          summary="MagPrune random drop and rescale, then task arithmetic")
+def della_linear(inp: MergeInputs):
+    return task_vector_merge(inp, Pipeline(sparsify=magprune))
