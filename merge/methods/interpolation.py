@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from merge.errors import EvomergeError
-from merge.methods.chunks import f32, flat, output_like, spans
+from merge.methods.chunks import CHUNK, flat, output_like, scratch, spans
 from merge.methods.registry import MergeInputs, Param, register
 
 DOT_THRESHOLD = 0.9995  # |cos| above this: the vectors are (anti)parallel, slerp degenerates to lerp
@@ -25,11 +25,14 @@ def linear(inp: MergeInputs):
     xs = [flat(x) for x in inp.tensors]
     out = output_like(inp.tensors[0], inp.out_dtype)
     out_flat = flat(out)
+    acc, tmp = scratch(2, min(CHUNK, xs[0].numel()), xs[0].device)
     for s in spans(xs[0].numel()):
-        acc = f32(xs[0][s]).mul_(weights[0])
+        n = s.stop - s.start
+        a, t = acc[:n], tmp[:n]
+        a.copy_(xs[0][s]).mul_(weights[0])
         for w, x in zip(weights[1:], xs[1:]):
-            acc.add_(x[s].float(), alpha=w)
-        out_flat[s] = acc
+            a.add_(t.copy_(x[s]), alpha=w)
+        out_flat[s].copy_(a)
     return out
 
 
@@ -65,8 +68,10 @@ def slerp(inp: MergeInputs):
     c0, c1 = slerp_coefficients(t, *_dot_and_norms(v0, v1))
     out = output_like(inp.base, inp.out_dtype)
     out_flat = flat(out)
+    acc, tmp = scratch(2, min(CHUNK, v0.numel()), v0.device)
     for s in spans(v0.numel()):
-        out_flat[s] = f32(v0[s]).mul_(c0).add_(v1[s].float(), alpha=c1)
+        n = s.stop - s.start
+        out_flat[s].copy_(acc[:n].copy_(v0[s]).mul_(c0).add_(tmp[:n].copy_(v1[s]), alpha=c1))
     return out
 
 
@@ -80,6 +85,7 @@ def passthrough(inp: MergeInputs):
         return x if inp.out_dtype in (None, x.dtype) else x.to(inp.out_dtype)
     out = output_like(x, inp.out_dtype)
     out_flat, x_flat = flat(out), flat(x)
+    (acc,) = scratch(1, min(CHUNK, x.numel()), x.device)
     for s in spans(x.numel()):
-        out_flat[s] = f32(x_flat[s]).mul_(scale)
+        out_flat[s].copy_(acc[:s.stop - s.start].copy_(x_flat[s]).mul_(scale))
     return out
