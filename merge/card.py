@@ -12,7 +12,9 @@ def _is_hub_id(ref: str) -> bool:
 
 def write_model_card(folder: Path, plan, title: str) -> None:
     refs = list(plan.sources)
-    hub = [r.split("@")[0] for r in refs if _is_hub_id(r.split("@")[0])]
+    # "org/model@rev+adapter": the hub id is the part before the revision and the adapter
+    ids = [r.split("+")[0].split("@")[0] for r in refs]
+    hub = list(dict.fromkeys(i for i in ids if _is_hub_id(i)))
     front = {"base_model": hub or None, "library_name": "transformers", "tags": ["merge", "evomerge"]}
     front = {k: v for k, v in front.items() if v}
     method = plan.method

@@ -71,6 +71,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype string, e.g. "BF16"
     file: Path
+    start: int = -1  # absolute byte range of the data in a safetensors file
+    end: int = -1
 
 
 @dataclass
@@ -109,8 +111,11 @@ class ModelSource:
         out: dict[str, TensorInfo] = {}
         for f in files:
             if f.suffix == ".safetensors":
-                for name, meta in read_safetensors_header(f).items():
-                    out[name] = TensorInfo(name, tuple(meta["shape"]), meta["dtype"], f)
+                header, data_start = read_safetensors_header(f, with_data_start=True)
+                for name, meta in header.items():
+                    a, b = meta["data_offsets"]
+                    out[name] = TensorInfo(name, tuple(meta["shape"]), meta["dtype"], f,
+                                           data_start + a, data_start + b)
             else:
                 for name, t in self._load_bin(f).items():
                     out[name] = TensorInfo(name, tuple(t.shape), _torch_to_st(t.dtype), f)
@@ -155,24 +160,44 @@ class ModelSource:
     def _read_base(self, name: str, device: str = "cpu"):
         info = self.tensors[name]
         if info.file.suffix == ".safetensors":
-            h = self._handles.get(info.file)
-            if h is None:
-                from safetensors import safe_open
-
-                h = self._handles[info.file] = safe_open(info.file, framework="pt", device="cpu")
-            t = h.get_tensor(name)
+            t = self._pread(info)
         else:
             t = self._load_bin(info.file)[name].clone()
         return t.to(device) if device != "cpu" else t
 
+    def _pread(self, info: TensorInfo):
+        """Read one tensor's bytes into fresh memory with pread.
+
+        Not a memory map: mapped pages count as the process's resident memory for as long as the
+        file stays open, so merging through mmap grows RSS with the model size. pread keeps peak
+        memory at the tensors in flight (the page cache still serves repeated reads).
+        """
+        import torch
+
+        fd = self._handles.get(info.file)
+        if fd is None:
+            fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
+        buf = torch.empty(info.end - info.start, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], info.start + done)
+            if n <= 0:
+                raise EvomergeError(f"{self.label}: '{info.file.name}' is truncated (tensor "
+                                    f"'{info.name}'); re-download or re-save the model")
+            done += n
+        return buf.view(st_to_torch(info.dtype)).reshape(info.shape)
+
     def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
         self._handles.clear()
         self._bin_cache.clear()
         if self.adapter is not None:
             self.adapter.close()
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict]:
+def read_safetensors_header(path: Path, with_data_start: bool = False):
     """Tensor names, shapes and dtypes from a safetensors header (8-byte length + JSON).
 
     Read directly so that validating a config never imports torch.
@@ -187,7 +212,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
         raise EvomergeError(f"'{path}' is not a readable safetensors file ({e}); re-download "
                             f"or re-save it") from None
     header.pop("__metadata__", None)
-    return header
+    return (header, 8 + length) if with_data_start else header
 
 
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",

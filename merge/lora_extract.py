@@ -1,0 +1,310 @@
+"""`mergekit-extract-lora`: approximate a fine-tune as base + LoRA, one truncated SVD per module.
+
+For each linear or embedding module, the weight difference Δ = W_ft − W_base is factored as
+Δ ≈ B@A with the rank-r truncated SVD (B = U_r·√Σ_r, A = √Σ_r·V_rᵀ). By Eckart–Young this is the best
+rank-r approximation: its Frobenius error is √(Σ_{i>r} σᵢ²), zero when r reaches the rank of Δ.
+The adapter is written in PEFT's format (adapter_config.json + adapter_model.safetensors) with
+scaling 1 (lora_alpha = r per module), so `PeftModel.from_pretrained(base, out)` reproduces it.
+
+What LoRA cannot express is saved whole when the fine-tune changed it: norms as PEFT
+`modules_to_save`, biases of LoRA layers in PEFT's `bias: lora_only` layout, so that the adapter
+reproduces the fine-tune exactly at full rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from merge.errors import EvomergeError
+
+
+@dataclass
+class Target:
+    module: str          # e.g. model.layers.0.self_attn.q_proj
+    tensor: str          # e.g. model.layers.0.self_attn.q_proj.weight
+    kind: str            # linear | conv1d | embedding
+    shape: tuple[int, ...]
+
+    @property
+    def update_shape(self) -> tuple[int, int]:
+        """Shape of PEFT's B@A: (out, in) for linear layers, transposed for the others."""
+        rows, cols = self.shape
+        return (rows, cols) if self.kind == "linear" else (cols, rows)
+
+
+@dataclass
+class Extracted:
+    target: Target
+    a: object            # (rank, in) tensor
+    b: object            # (out, rank) tensor
+    rank: int
+    dropped_error: float   # √(Σ dropped σ²): the Frobenius error Eckart–Young predicts
+
+
+def module_kinds(folder: Path, trust_remote_code: bool = False) -> dict[str, str]:
+    """Module name → linear | conv1d | embedding | other, from the model built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    except Exception as e:  # unknown model_type, remote code refused, ...
+        raise EvomergeError(f"--base-model: transformers cannot build this architecture "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); pass "
+                            f"--trust-remote-code if it needs the model's own code") from None
+    kinds = {}
+    for name, mod in model.named_modules():
+        cls = type(mod).__name__
+        if isinstance(mod, torch.nn.Embedding):
+            kinds[name] = "embedding"
+        elif isinstance(mod, torch.nn.Linear):
+            kinds[name] = "linear"
+        elif cls == "Conv1D":
+            kinds[name] = "conv1d"
+        else:
+            kinds[name] = "other"
+    return kinds
+
+
+def _selected(module: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    if include and not any(re.search(p, module) for p in include):
+        return False
+    return not any(re.search(p, module) for p in exclude)
+
+
+def plan_targets(ft, base, kinds: dict[str, str], max_rank: int, include: tuple[str, ...],
+                 exclude: tuple[str, ...], embeddings: bool):
+    """Decide, from headers alone, which modules get a LoRA and which are candidates to save whole."""
+    for pattern in include + exclude:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise EvomergeError(f"--include/--exclude: '{pattern}' is not a valid regular "
+                                f"expression ({e})") from None
+    targets: list[Target] = []
+    whole: dict[str, list[str]] = {}   # module → its tensors (norms and other non-LoRA modules)
+    for name, info in base.tensors.items():
+        module, _, param = name.rpartition(".")
+        kind = kinds.get(module)
+        if kind is None or not _selected(module, include, exclude):
+            continue
+        ft_info = ft.tensors.get(name)
+        if ft_info is None:
+            raise EvomergeError(f"--model: '{ft.ref}' has no tensor '{name}'; the fine-tune does "
+                                f"not share the base model's layout")
+        if tuple(ft_info.shape) != tuple(info.shape):
+            raise EvomergeError(f"--model: '{name}' is {list(ft_info.shape)} in the fine-tune but "
+                                f"{list(info.shape)} in the base (a resized vocabulary?); LoRA "
+                                f"extraction needs equal shapes — exclude it with --exclude")
+        if kind in ("linear", "conv1d", "embedding") and param == "weight" and len(info.shape) == 2:
+            if kind == "embedding" and not embeddings:
+                continue
+            t = Target(module, name, kind, tuple(info.shape))
+            limit = min(t.shape)
+            if max_rank > limit:
+                raise EvomergeError(f"--max-rank: {max_rank} is larger than module '{module}' "
+                                    f"allows ({list(t.shape)}, rank at most {limit}); lower "
+                                    f"--max-rank or leave the module out with --exclude")
+            targets.append(t)
+        elif kind == "other":
+            whole.setdefault(module, []).append(name)
+    return targets, whole
+
+
+def extract(target: Target, ft, base, max_rank: int, sv_threshold: float,
+            device: str = "cpu") -> Optional[Extracted]:
+    """Truncated SVD of one module's weight difference; None when the module did not change."""
+    import torch
+
+    delta = ft.read(target.tensor, device).float() - base.read(target.tensor, device).float()
+    if target.kind != "linear":
+        delta = delta.T   # PEFT stores embedding and Conv1D updates as (B@A)ᵀ
+    if not torch.any(delta):
+        return None
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    keep = int((s > sv_threshold * s[0]).sum()) if sv_threshold > 0 else len(s)
+    rank = max(1, min(max_rank, keep))
+    root = s[:rank].sqrt()
+    b = (u[:, :rank] * root).contiguous()
+    a = (root[:, None] * vh[:rank]).contiguous()
+    dropped = float(s[rank:].double().pow(2).sum().sqrt())
+    return Extracted(target, a.cpu(), b.cpu(), rank, dropped)
+
+
+def changed_whole_modules(whole: dict[str, list[str]], ft, base) -> dict[str, list[str]]:
+    import torch
+
+    out = {}
+    for module, names in whole.items():
+        if any(not torch.equal(ft.read(n), base.read(n)) for n in names):
+            out[module] = names
+    return out
+
+
+def changed_biases(results: list[Extracted], ft, base) -> list[str]:
+    """Bias tensors of LoRA modules that the fine-tune changed (LoRA itself only moves weights)."""
+    import torch
+
+    out = []
+    for r in results:
+        name = r.target.module + ".bias"
+        if name in base.tensors and name in ft.tensors and \
+                not torch.equal(ft.read(name), base.read(name)):
+            out.append(name)
+    return out
+
+
+def adapter_config(results: list[Extracted], saved_modules: list[str], base_ref: str) -> dict:
+    ranks = {r.target.module: r.rank for r in results}
+    top = max(ranks.values())
+    pattern = {re.escape(m): k for m, k in ranks.items() if k != top}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_ref,
+        "r": top,
+        "lora_alpha": top,            # scaling alpha/r = 1 for every module
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted(ranks),
+        "modules_to_save": saved_modules or None,
+        "fan_in_fan_out": any(r.target.kind == "conv1d" for r in results),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "revision": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+def run(model: str, base_model: str, out_path: str, max_rank: int, sv_threshold: float = 0.0,
+        include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), embeddings: bool = True,
+        modules_to_save: bool = True, device: str = "cpu", overwrite: bool = False,
+        trust_remote_code: bool = False, quiet: bool = True) -> dict:
+    """Extract and write the adapter; returns a summary {module: (rank, predicted error)}."""
+    from merge.sources import ModelSource
+    from merge.writer import AtomicFolder, check_output_folder
+
+    if max_rank < 1:
+        raise EvomergeError("--max-rank: must be at least 1")
+    if not 0.0 <= sv_threshold < 1.0:
+        raise EvomergeError(f"--sv-threshold: {sv_threshold:g} is outside [0, 1); it is a "
+                            f"fraction of each module's largest singular value")
+    ft = ModelSource.open(model, "--model")
+    base = ModelSource.open(base_model, "--base-model")
+    out = Path(out_path)
+    check_output_folder(out, overwrite, [ft.folder, base.folder])
+    kinds = module_kinds(base.folder, trust_remote_code)
+    targets, whole = plan_targets(ft, base, kinds, max_rank, tuple(include), tuple(exclude),
+                                  embeddings)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise EvomergeError(f"--device: '{device}' requested but no CUDA GPU is available")
+
+    from tqdm import tqdm
+
+    results: list[Extracted] = []
+    for t in tqdm(targets, desc="extracting", disable=quiet, leave=False):
+        r = extract(t, ft, base, max_rank, sv_threshold, device)
+        if r is not None:
+            results.append(r)
+    saved = changed_whole_modules(whole, ft, base) if modules_to_save else {}
+    biases = changed_biases(results, ft, base) if modules_to_save else []
+    if not results:
+        raise EvomergeError("--model: no selected linear or embedding module differs from the "
+                            "base model; there is nothing to extract (check --include/--exclude)")
+
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for r in results:
+        prefix = "base_model.model." + r.target.module
+        if r.target.kind == "embedding":
+            tensors[prefix + ".lora_embedding_A"] = r.a
+            tensors[prefix + ".lora_embedding_B"] = r.b
+        else:
+            tensors[prefix + ".lora_A.weight"] = r.a
+            tensors[prefix + ".lora_B.weight"] = r.b
+    for module, names in saved.items():
+        for n in names:
+            tensors["base_model.model." + n] = ft.read(n)
+    for n in biases:   # peft's bias="lora_only" layout: the LoRA layer's own bias, replaced
+        module = n.rsplit(".", 1)[0]
+        tensors[f"base_model.model.{module}.base_layer.bias"] = ft.read(n)
+    config = adapter_config(results, sorted(saved), base_model)
+    if biases:
+        config["bias"] = "lora_only"
+    summary = {r.target.module: (r.rank, r.dropped_error) for r in results}
+    with AtomicFolder(out, overwrite) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "README.md").write_text(_card(model, base_model, config, summary, sorted(saved)))
+    return summary
+
+
+def _card(model, base_model, config, summary, saved) -> str:
+    total = math.sqrt(sum(e * e for _, e in summary.values()))
+    front = "---\nlibrary_name: peft\nbase_model: " + json.dumps(base_model) + \
+            "\ntags:\n- lora\n- evomerge\n---\n\n"
+    return (front + f"# LoRA extracted from {model}\n\n"
+            f"Truncated SVD of each module's weight difference against `{base_model}` "
+            f"(mergekit-extract-lora). {len(summary)} modules, rank up to {config['r']}"
+            + (f", {len(saved)} modules saved whole" if saved else "") + ".\n\n"
+            f"Predicted Frobenius error over all modules (Eckart–Young): {total:.4g}.\n")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", required=True, help="The fine-tuned model (folder or hub id).")
+@click.option("--base-model", required=True, help="The model it was fine-tuned from.")
+@click.option("--out-path", required=True, type=click.Path(file_okay=False),
+              help="Folder for the PEFT adapter.")
+@click.option("--max-rank", required=True, type=int, help="Largest LoRA rank per module.")
+@click.option("--sv-threshold", type=float, default=0.0, show_default=True,
+              help="Also drop singular values below this fraction of the module's largest.")
+@click.option("--include", multiple=True, help="Regex: only modules whose name matches (repeatable).")
+@click.option("--exclude", multiple=True, help="Regex: skip modules whose name matches (repeatable).")
+@click.option("--embeddings/--no-embeddings", default=True, show_default=True,
+              help="Extract LoRA for embedding layers too (PEFT lora_embedding_A/B).")
+@click.option("--modules-to-save/--no-modules-to-save", default=True, show_default=True,
+              help="Save what LoRA cannot express (changed norms, biases of LoRA layers) whole.")
+@click.option("--device", default="cpu", show_default=True, help="Device for the SVDs.")
+@click.option("--cuda", is_flag=True, help="Same as --device cuda.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_PATH if it is not empty.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+def cli(model, base_model, out_path, max_rank, sv_threshold, include, exclude, embeddings,
+        modules_to_save, device, cuda, trust_remote_code, overwrite, quiet):
+    """Extract a PEFT LoRA adapter that turns BASE into the fine-tuned MODEL."""
+    try:
+        summary = run(model, base_model, out_path, max_rank, sv_threshold, include, exclude,
+                      embeddings, modules_to_save, "cuda" if cuda else device, overwrite,
+                      trust_remote_code, quiet)
+    except EvomergeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; nothing was written to --out-path", err=True)
+        sys.exit(2)
+    if not quiet:
+        ranks = sorted({r for r, _ in summary.values()})
+        click.echo(f"wrote {out_path}: {len(summary)} modules, ranks {ranks[0]}..{ranks[-1]}")
+
+
+def main() -> None:
+    cli(prog_name="mergekit-extract-lora")

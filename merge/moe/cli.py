@@ -1,0 +1,65 @@
+"""`mergekit-moe CONFIG OUT_DIR [options]` — assemble a mixture-of-experts model."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from merge.errors import EvomergeError
+
+
+def fail(message: str) -> "NoReturn":  # noqa: F821
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.argument("out_dir", metavar="OUT_DIR", type=click.Path(file_okay=False))
+@click.option("--cuda", is_flag=True, help="Run the prompts through the base model on the GPU.")
+@click.option("--device", default=None, help="Device for the gate computation: cpu, cuda, cuda:1 ...")
+@click.option("--out-shard-size", default="5B", show_default=True,
+              help="Largest output shard, e.g. 5B, 500M, or bytes.")
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
+              help="Copy the base model's tokenizer into the output.")
+@click.option("--random-seed", type=int, default=None, help="Seed for gate_mode: random.")
+@click.option("--write-model-card/--no-write-model-card", default=True, show_default=True)
+@click.option("--lazy-unpickle", is_flag=True, help="Accepted for compatibility; loading is always lazy.")
+@click.option("--dry-run", is_flag=True, help="Validate, print the layout, load no tensor.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
+@click.option("-v", "--verbose", is_flag=True, help="Print the layout before building.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def cli(config_file, out_dir, cuda, device, out_shard_size, copy_tokenizer, random_seed,
+        write_model_card, lazy_unpickle, dry_run, overwrite, verbose, quiet):
+    """Build a mixture-of-experts model from the dense models CONFIG lists into OUT_DIR."""
+    from merge.moe.config import load_moe_config
+    from merge.writer import check_output_folder, parse_size
+
+    try:
+        if cuda and device and not device.startswith("cuda"):
+            raise EvomergeError(f"--cuda conflicts with --device {device}; give one of them")
+        from merge.moe.build import MoEOptions, build_moe, plan_moe
+
+        options = MoEOptions(device=device or ("cuda" if cuda else "cpu"),
+                             random_seed=random_seed, out_shard_size=parse_size(out_shard_size),
+                             copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
+                             overwrite=overwrite, quiet=quiet)
+        config = load_moe_config(config_file)
+        if not dry_run:
+            check_output_folder(out_dir, overwrite, [])
+        plan = plan_moe(config)
+        if dry_run or verbose:
+            click.echo(plan.summary())
+        if dry_run:
+            return
+        build_moe(config, out_dir, options, plan=plan)
+    except EvomergeError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was written to OUT_DIR")
+    if not quiet:
+        click.echo(f"wrote {out_dir}")
+
+
+def main() -> None:
+    cli(prog_name="mergekit-moe")
