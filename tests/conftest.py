@@ -28,3 +28,56 @@ def family_bf16(tmp_path_factory) -> dict[str, Path]:
 
     return tinymodels.build_family(tmp_path_factory.mktemp("family_bf16"), children=2,
                                    dtype=torch.bfloat16)
+
+
+# --- mergekit-evolve fixtures ------------------------------------------------------------------
+TOY_TASK_YAML = """\
+task: evo_toy
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: data/evo_toy.jsonl      # relative to this file: evolve.tasks resolves it
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{q}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{label}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+@pytest.fixture(scope="session")
+def toy_task_dir(tmp_path_factory) -> Path:
+    """A task search path holding `evo_toy`: 40 multiple-choice items over the tiny vocabulary,
+    read from a JSONL file named by a path relative to the task YAML."""
+    import json
+    import random
+
+    root = tmp_path_factory.mktemp("toy_tasks")
+    task = root / "evo_toy"
+    (task / "data").mkdir(parents=True)
+    rng = random.Random(0)
+    with open(task / "data" / "evo_toy.jsonl", "w") as f:
+        for _ in range(40):
+            q = " ".join(rng.choice(tinymodels.WORDS) for _ in range(6))
+            choices = [" ".join(rng.choice(tinymodels.WORDS) for _ in range(2)) for _ in range(3)]
+            f.write(json.dumps({"q": q, "choices": choices, "label": rng.randrange(3)}) + "\n")
+    (task / "evo_toy.yaml").write_text(TOY_TASK_YAML)
+    return root
+
+
+def write_genome(path: Path, genome: dict, tasks=None, **extra) -> Path:
+    """A genome YAML file for mergekit-evolve tests."""
+    import yaml
+
+    data = {"genome": genome, "tasks": tasks or [{"name": "evo_toy", "metric": "acc,none"}],
+            **extra}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def make_genome():
+    return write_genome

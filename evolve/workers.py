@@ -1,0 +1,320 @@
+"""Ray workers: each one loads the input models once, holds one evaluation model, and per candidate
+merges the config straight into that model's parameters and scores it with lm-eval.
+
+Ray runs in-process by default (a private local cluster in a temp folder we own); `--ray-address`
+joins an existing cluster. Resource requests are checked against the cluster before any actor is
+created, because Ray waits forever for resources that no node has.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from merge.errors import EvomergeError
+
+from evolve.fitness import EvalSettings
+
+# Test hook: a path; the first worker to find it absent creates it and exits mid-evaluation (after
+# merging, before scoring), as a crashed or preempted worker would. Used by the test suite only.
+DIE_ONCE_ENV = "EVOMERGE_TEST_WORKER_EXIT_ONCE"
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs (plain data: pickled to every actor)."""
+
+    initial_config: dict            # builds the evaluation model's layout
+    eval: EvalSettings
+    device: str = "cpu"
+    merge_seed: Optional[int] = None
+    trust_remote_code: bool = False
+    threads: Optional[int] = None
+    die_marker: Optional[str] = None
+
+
+class EvalWorker:
+    """One evaluation model and its inputs. Wrapped with `ray.remote` by WorkerPool."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.error: Optional[str] = None
+        t0 = time.perf_counter()
+        try:
+            self._setup(spec)
+        except Exception as e:  # reported by info(): a crisp message instead of a Ray traceback
+            self.error = _one_line(e)
+        self.startup_seconds = time.perf_counter() - t0
+
+    def _setup(self, spec: WorkerSpec) -> None:
+        os.environ.setdefault("TQDM_DISABLE", "1")   # lm-eval's bars would only fill Ray's logs
+        import torch
+
+        from merge.config import MergeConfig
+        from merge.engine import InMemoryMerger, MergeOptions
+
+        from evolve.fitness import Scorer
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.spec = spec
+        self.merger = InMemoryMerger(MergeOptions(device=spec.device, random_seed=spec.merge_seed,
+                                                  quiet=True,
+                                                  trust_remote_code=spec.trust_remote_code))
+        config = MergeConfig.from_dict(spec.initial_config)
+        self.model = self.merger.build_model(config)
+        tokenizer = _merged_tokenizer(self.merger.plan(config), spec.trust_remote_code)
+        self.scorer = Scorer(self.model, tokenizer, spec.eval)
+
+    def info(self) -> dict:
+        return {"worker": self.name, "error": self.error, "startup_seconds": self.startup_seconds}
+
+    def evaluate(self, config: dict) -> dict:
+        from merge.config import MergeConfig
+
+        t0 = time.perf_counter()
+        out: dict[str, Any] = {"worker": self.name}
+        try:
+            if self.error:
+                raise EvomergeError(self.error)
+            self.merger.merge_into(MergeConfig.from_dict(config), self.model)
+            t1 = time.perf_counter()
+            self._test_hook_die()
+            out["scores"] = self.scorer.score()
+            out["merge_seconds"] = t1 - t0
+            out["eval_seconds"] = time.perf_counter() - t1
+        except Exception as e:  # a failed candidate is data for the search, not a crash
+            out["error"] = _one_line(e)
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+    def _test_hook_die(self) -> None:
+        marker = self.spec.die_marker
+        if not marker:
+            return
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os._exit(1)
+
+
+def _merged_tokenizer(plan, trust_remote_code: bool):
+    """Exactly the tokenizer mergekit-yaml would write next to this merge (the reference model's,
+    or a merged vocabulary with `tokenizer_source: union`), loaded from a scratch folder."""
+    from transformers import AutoTokenizer
+
+    from merge.tokenizer import write_tokenizer
+
+    folder = tempfile.mkdtemp(prefix="evomerge-tok-")
+    try:
+        write_tokenizer(plan, Path(folder))
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray session
+# ---------------------------------------------------------------------------------------------
+class RaySession:
+    """A local in-process Ray cluster, a connection to an existing one, or (tests) the session the
+    caller already started. Only what we started is shut down."""
+
+    def __init__(self, address: Optional[str], num_cpus: int, num_gpus: int):
+        import ray
+
+        self.owned = False
+        self.temp_dir: Optional[str] = None
+        if address:
+            _probe(address)
+        if ray.is_initialized():
+            return
+        if address:
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level="ERROR",
+                         namespace="evomerge")
+            except Exception as e:
+                raise EvomergeError(f"--ray-address: cannot join the Ray cluster at '{address}': "
+                                    f"{_one_line(e)}") from None
+        else:
+            # Unix socket paths are limited to ~107 bytes and Ray nests ~80 under its folder:
+            # use $TMPDIR only when it is short.
+            base = tempfile.gettempdir()
+            if len(base) > 24 and os.path.isdir("/tmp"):
+                base = "/tmp"
+            self.temp_dir = tempfile.mkdtemp(prefix="evomerge-ray-", dir=base)
+            # Workers import evolve/ and merge/ even from a source checkout that is not installed.
+            root = str(Path(__file__).resolve().parent.parent)
+            os.environ["PYTHONPATH"] = os.pathsep.join(
+                [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                     _temp_dir=self.temp_dir, log_to_driver=False, logging_level="ERROR",
+                     namespace="evomerge")
+        self.owned = True
+
+    def check_resources(self, workers: int, cpus: float, gpus: float) -> None:
+        """Fail now, with the numbers, when the cluster cannot place every worker."""
+        import ray
+
+        total = ray.cluster_resources()
+        need = {"CPU": workers * cpus, "GPU": workers * gpus}
+        flags = {"CPU": "--cpus-per-worker", "GPU": "--gpus-per-worker"}
+        for res, amount in need.items():
+            have = total.get(res, 0.0)
+            if amount > have + 1e-9:
+                raise EvomergeError(
+                    f"--workers: {workers} worker(s) × {amount / workers:g} {res} need {amount:g} "
+                    f"{res} but the Ray cluster has {have:g}; lower --workers or {flags[res]}")
+        if gpus > 1:   # a multi-GPU worker has to fit on one node
+            per_node = max((n.get("Resources", {}).get("GPU", 0.0) for n in ray.nodes()
+                            if n.get("Alive")), default=0.0)
+            if gpus > per_node:
+                raise EvomergeError(f"--gpus-per-worker: {gpus:g} GPUs per worker but no node has "
+                                    f"more than {per_node:g}")
+
+    def shutdown(self) -> None:
+        import ray
+
+        if self.owned:
+            ray.shutdown()
+            self.owned = False
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None
+
+
+def _probe(address: str, timeout: float = 3.0) -> None:
+    """Ray retries an unreachable address for minutes: check that something listens first."""
+    if address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise EvomergeError(f"--ray-address: '{address}' is the dashboard/jobs URL; give the "
+                            f"cluster address host:port (default port 6379) or ray://host:10001")
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise EvomergeError(f"--ray-address: '{address}' is not host:port (e.g. 10.0.0.1:6379)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise EvomergeError(f"--ray-address: nothing answers at {host}:{port} ({e.strerror or e}); "
+                            f"start the cluster (ray start --head) or fix the address") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The pool
+# ---------------------------------------------------------------------------------------------
+class WorkerPool:
+    """`workers` actors kept busy: a new candidate goes to whichever actor finishes first. An actor
+    that dies takes its candidate back into the queue and is replaced by a fresh one."""
+
+    def __init__(self, spec: WorkerSpec, workers: int, cpus: float = 1, gpus: float = 0,
+                 max_retries: int = 2, log: Callable[[str], None] = print):
+        import ray
+
+        self.spec = spec
+        self.max_retries = max_retries
+        self.log = log
+        self.deaths = 0
+        self._cls = ray.remote(EvalWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
+                                                    max_task_retries=0)
+        self.actors = [self._cls.remote(spec) for _ in range(workers)]
+        self._starting: dict = {}   # info() refs of replacement actors still starting
+        t0 = time.perf_counter()
+        try:
+            infos = ray.get([a.info.remote() for a in self.actors])
+        except ray.exceptions.RayActorError as e:   # killed while starting (out of memory, ...)
+            self.shutdown()
+            raise EvomergeError(f"a worker died while starting: {_one_line(e)}") from None
+        for info in infos:
+            if info["error"]:
+                self.shutdown()
+                raise EvomergeError(f"a worker failed to start: {info['error']}")
+        self.startup_seconds = time.perf_counter() - t0
+        self.worker_startup = [i["startup_seconds"] for i in infos]
+
+    def run(self, jobs: list[tuple[Any, dict]],
+            should_stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[Any, dict]]:
+        """Evaluate (key, config) jobs; yield (key, result) as each finishes. Once `should_stop()`
+        turns true no new job starts; those in flight finish and are yielded."""
+        import ray
+        from ray.exceptions import RayActorError, WorkerCrashedError
+
+        queue = deque((key, cfg, 1) for key, cfg in jobs)
+        idle = list(self.actors)
+        pending: dict = {ref: ("start", actor, None) for ref, actor in self._starting.items()}
+        self._starting = {}
+        try:
+            while True:
+                while idle and queue and not should_stop():
+                    actor, job = idle.pop(), queue.popleft()
+                    pending[actor.evaluate.remote(job[1])] = ("eval", actor, job)
+                in_flight = any(kind == "eval" for kind, _, _ in pending.values())
+                if not in_flight and (not queue or should_stop()):
+                    break
+                if not pending:
+                    raise EvomergeError("no worker is left to evaluate candidates")
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                kind, actor, job = pending.pop(ref)
+                if kind == "start":
+                    self._started(ref, actor)
+                    idle.append(actor)
+                    continue
+                try:
+                    result = ray.get(ref)
+                except (RayActorError, WorkerCrashedError) as e:
+                    key, cfg, attempt = job
+                    self.deaths += 1
+                    self.actors.remove(actor)
+                    ray.kill(actor)
+                    self.log(f"a worker died while evaluating candidate {key} "
+                             f"({type(e).__name__}); starting a fresh one")
+                    if attempt <= self.max_retries:
+                        queue.appendleft((key, cfg, attempt + 1))
+                    else:
+                        yield key, {"error": f"the worker died on each of {attempt} attempts",
+                                    "seconds": 0.0, "attempt": attempt}
+                    fresh = self._cls.remote(self.spec)
+                    pending[fresh.info.remote()] = ("start", fresh, None)
+                    continue
+                idle.append(actor)
+                result["attempt"] = job[2]
+                yield job[0], result
+        finally:
+            self._starting.update({r: a for r, (k, a, _) in pending.items() if k == "start"})
+
+    def _started(self, ref, actor) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        try:
+            info = ray.get(ref)
+        except RayActorError as e:
+            raise EvomergeError(f"a replacement worker died while starting: "
+                                f"{_one_line(e)}") from None
+        if info["error"]:
+            raise EvomergeError(f"a replacement worker failed to start: {info['error']}")
+        self.actors.append(actor)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors + list(self._starting.values()):
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+        self.actors, self._starting = [], {}
