@@ -357,7 +357,9 @@ def _value(spec, found, path: str, model: Optional[str], method: Method, tensor:
         raise ConfigError(where, f"must be a number, got {value!r}")
     value = float(value)
     if (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max):
-        raise ConfigError(where, f"{value:g} is outside [{spec.min:g}, {spec.max:g}]")
+        lo = "-inf" if spec.min is None else f"{spec.min:g}"
+        hi = "inf" if spec.max is None else f"{spec.max:g}"
+        raise ConfigError(where, f"{value:g} is outside [{lo}, {hi}]")
     return value
 
 

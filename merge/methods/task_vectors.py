@@ -18,10 +18,11 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from merge.methods.chunks import flat, max_span, output_like, row_spans, scratch
+from merge.methods.chunks import flat, output_like
+from merge.methods.parallel import buffer, map_chunks
 from merge.methods.registry import MergeInputs, Param, register
-from merge.methods.sparsify import (ChunkFn, bernoulli, band, della_check, magnitude,
-                                    magprune)
+from merge.methods.sparsify import (Chunk, ChunkFn, band, bernoulli, chunks_of, della_check,
+                                    magnitude, magprune)
 
 EPS = 1e-8
 
@@ -40,56 +41,55 @@ def task_vector_merge(inp: MergeInputs, pipeline: Pipeline):
     normalize = bool(inp.params.get("normalize", False))
     fns = [pipeline.sparsify(inp, i) if pipeline.sparsify else None
            for i in range(len(inp.tensors))]
-    shape = inp.base.shape
     base = flat(inp.base)
     xs = [flat(x) for x in inp.tensors]
     out = output_like(inp.base, inp.out_dtype)
     out_flat = flat(out)
-    n_models = len(xs)
-    held = n_models if pipeline.consensus else 2   # chunk buffers of δ held at once
-    bufs = scratch(held + 3, max_span(shape), base.device)
-    b_buf, tmp_buf, div_buf, deltas = bufs[0], bufs[1], bufs[2], bufs[3:]
     total_w = sum(weights)
+    device = base.device
 
-    for s in row_spans(shape):
-        k = s.stop - s.start
-        b, tmp = b_buf[:k], tmp_buf[:k]
-        b.copy_(base[s])
+    def merge_chunk(chunk: Chunk) -> None:
+        s, k = chunk.span, chunk.size
+        b = buffer("tv.base", k, device).copy_(base[s])
+        tmp = buffer("tv.tmp", k, device)
         if pipeline.consensus:
-            ds = [deltas[i][:k] for i in range(n_models)]
-            for i in range(n_models):
-                _delta(xs[i][s], b, ds[i], fns[i], s, weights[i], tmp)
-            merged = _consensus(ds, weights, normalize, div_buf[:k], tmp)
+            ds = [buffer(f"tv.delta{i}", k, device) for i in range(len(xs))]
+            for i, x in enumerate(xs):
+                _delta(x[s], b, ds[i], fns[i], chunk, weights[i], tmp)
+            merged = _consensus(ds, weights, normalize, buffer("tv.div", k, device), tmp,
+                                buffer("tv.tmp2", k, device))
         else:
-            merged, d = deltas[0][:k], deltas[1][:k]
-            merged.zero_()
-            for i in range(n_models):
-                _delta(xs[i][s], b, d, fns[i], s, weights[i], tmp)
+            merged = buffer("tv.sum", k, device).zero_()
+            d = buffer("tv.delta", k, device)
+            for i, x in enumerate(xs):
+                _delta(x[s], b, d, fns[i], chunk, weights[i], tmp)
                 merged.add_(d)
             if normalize:
                 merged.div_(total_w if abs(total_w) >= EPS else 1.0)
-        b.add_(merged, alpha=lam)
-        out_flat[s].copy_(b)
+        out_flat[s].copy_(b.add_(merged, alpha=lam))
+
+    map_chunks(merge_chunk, chunks_of(inp.base.shape), device)
     return out
 
 
-def _delta(x, b, d, fn, s, w, tmp) -> None:
+def _delta(x, b, d, fn, chunk, w, tmp) -> None:
     """d ← w · sparsify(x − b), in place."""
-    d.copy_(x)
-    d.sub_(b)
+    d.copy_(x).sub_(b)
     if fn is None:
         d.mul_(w)
     else:
-        fn(d, s, w, tmp)
+        fn(d, chunk, w, tmp)
 
 
-def _consensus(ds, weights, normalize, div, tmp):
-    """TIES sign consensus over the weighted deltas (consumed in place); returns the merged chunk."""
+def _consensus(ds, weights, normalize, div, tmp, tmp2):
+    """TIES sign consensus over the weighted deltas (consumed in place); returns the merged chunk.
+
+    Masks are kept as fp32 0/1 values: element-wise compares into bool tensors and `masked_fill_`
+    cost several times more than float ops on this path.
+    """
     import torch
 
-    elected = tmp
-    torch.stack  # noqa: B018  (kept simple: sum in place, no stacked copy)
-    elected.copy_(ds[0])
+    elected = tmp.copy_(ds[0])
     for d in ds[1:]:
         elected.add_(d)
     elected.sign_()
@@ -98,13 +98,13 @@ def _consensus(ds, weights, normalize, div, tmp):
     for d, w in zip(ds, weights):
         d.mul_(elected).clamp_min_(0.0)           # |δᵢ| where it agrees with the elected sign
         if normalize:
-            div.add_(torch.sign(d), alpha=w)       # sign of |δᵢ| is 1 where it survives
+            div.add_(torch.sign(d, out=tmp2), alpha=w)   # 1 where δᵢ survives
     merged = ds[0]
     for d in ds[1:]:
         merged.add_(d)
     merged.mul_(elected)
     if normalize:
-        div.masked_fill_(div.abs() < EPS, 1.0)
+        div.add_(torch.abs(div, out=tmp2).lt_(EPS))    # no survivor (divisor ~0): divide by ~1
         merged.div_(div)
     return merged
 
