@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 
 from merge.errors import EvomergeError
-from merge.methods.chunks import CHUNK, flat, output_like, scratch, spans
+from merge.methods.chunks import flat, output_like, spans
+from merge.methods.parallel import buffer, map_chunks
 from merge.methods.registry import MergeInputs, Param, register
 
 DOT_THRESHOLD = 0.9995  # |cos| above this: the vectors are (anti)parallel, slerp degenerates to lerp
@@ -25,14 +26,16 @@ def linear(inp: MergeInputs):
     xs = [flat(x) for x in inp.tensors]
     out = output_like(inp.tensors[0], inp.out_dtype)
     out_flat = flat(out)
-    acc, tmp = scratch(2, min(CHUNK, xs[0].numel()), xs[0].device)
-    for s in spans(xs[0].numel()):
+
+    def chunk(s):
         n = s.stop - s.start
-        a, t = acc[:n], tmp[:n]
-        a.copy_(xs[0][s]).mul_(weights[0])
+        acc, tmp = buffer("acc", n, xs[0].device), buffer("tmp", n, xs[0].device)
+        acc.copy_(xs[0][s]).mul_(weights[0])
         for w, x in zip(weights[1:], xs[1:]):
-            a.add_(t.copy_(x[s]), alpha=w)
-        out_flat[s].copy_(a)
+            acc.add_(tmp.copy_(x[s]), alpha=w)
+        out_flat[s].copy_(acc)
+
+    map_chunks(chunk, spans(xs[0].numel()), xs[0].device)
     return out
 
 
@@ -68,10 +71,13 @@ def slerp(inp: MergeInputs):
     c0, c1 = slerp_coefficients(t, *_dot_and_norms(v0, v1))
     out = output_like(inp.base, inp.out_dtype)
     out_flat = flat(out)
-    acc, tmp = scratch(2, min(CHUNK, v0.numel()), v0.device)
-    for s in spans(v0.numel()):
+
+    def chunk(s):
         n = s.stop - s.start
-        out_flat[s].copy_(acc[:n].copy_(v0[s]).mul_(c0).add_(tmp[:n].copy_(v1[s]), alpha=c1))
+        acc, tmp = buffer("acc", n, v0.device), buffer("tmp", n, v0.device)
+        out_flat[s].copy_(acc.copy_(v0[s]).mul_(c0).add_(tmp.copy_(v1[s]), alpha=c1))
+
+    map_chunks(chunk, spans(v0.numel()), v0.device)
     return out
 
 
@@ -85,7 +91,10 @@ def passthrough(inp: MergeInputs):
         return x if inp.out_dtype in (None, x.dtype) else x.to(inp.out_dtype)
     out = output_like(x, inp.out_dtype)
     out_flat, x_flat = flat(out), flat(x)
-    (acc,) = scratch(1, min(CHUNK, x.numel()), x.device)
-    for s in spans(x.numel()):
-        out_flat[s].copy_(acc[:s.stop - s.start].copy_(x_flat[s]).mul_(scale))
+
+    def chunk(s):
+        acc = buffer("acc", s.stop - s.start, x.device)
+        out_flat[s].copy_(acc.copy_(x_flat[s]).mul_(scale))
+
+    map_chunks(chunk, spans(x.numel()), x.device)
     return out
