@@ -154,16 +154,27 @@ def execute(plan: Plan, sink: Callable[[str, object], None], reader: TensorReade
     import torch
     from tqdm import tqdm
 
-    if options.num_threads:
-        torch.set_num_threads(options.num_threads)
+    from merge.methods.parallel import set_workers
+
+    # Parallelism comes from whole chunks on worker threads (merge/methods/parallel.py); every op
+    # on the main thread runs single-threaded. With torch's own threads, each small op ends in a
+    # barrier that, on a busy machine, costs milliseconds while the second thread spins
+    # (measured: 8 ms vs 0.008 ms for a 65k-element subtraction at load 4 on 2 cores).
+    threads = torch.get_num_threads()
+    set_workers(options.num_threads or threads)
+    torch.set_num_threads(1)
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merging",
                disable=not progress or options.quiet, leave=False)
-    with torch.no_grad():
-        for tp in plan.tensors:
-            bar.set_postfix_str(tp.name[-40:], refresh=False)
-            sink(tp.name, merge_tensor(plan, tp, reader, options.random_seed))
-            bar.update(tp.nbytes)
-    bar.close()
+    try:
+        with torch.no_grad():
+            for tp in plan.tensors:
+                bar.set_postfix_str(tp.name[-40:], refresh=False)
+                sink(tp.name, merge_tensor(plan, tp, reader, options.random_seed))
+                bar.update(tp.nbytes)
+    finally:
+        bar.close()
+        torch.set_num_threads(threads)
+        set_workers(None)
 
 
 def merge_to_folder(config: MergeConfig, out_dir, options: Optional[MergeOptions] = None,

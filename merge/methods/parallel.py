@@ -37,24 +37,34 @@ def _get_pool(n: int) -> ThreadPoolExecutor:
         return _pool
 
 
+_workers: int | None = None
+
+
+def set_workers(n: int | None) -> None:
+    """How many chunk workers kernels use (None: torch's thread count at call time)."""
+    global _workers
+    _workers = n
+
+
 def map_chunks(fn: Callable[[T], R], items: Iterable[T], device) -> list[R]:
     """[fn(item) for item in items], run on CPU worker threads with single-threaded ops.
 
-    On accelerators (one stream) and with a single torch thread, it is a plain loop.
+    On accelerators (one stream), with one worker, or for a single chunk, it is a plain loop.
     """
     import torch
 
     items = list(items)
-    threads = torch.get_num_threads()
+    workers = _workers or torch.get_num_threads()
     on_cpu = torch.device(device).type == "cpu"
-    if not on_cpu or threads <= 1 or len(items) <= 1 or getattr(_local, "inside", False):
+    if not on_cpu or workers <= 1 or len(items) <= 1 or getattr(_local, "inside", False):
         return [fn(item) for item in items]
-    pool = _get_pool(threads)
+    pool = _get_pool(workers)
 
     def run(item):
         _local.inside = True   # a kernel helper called from a worker never nests pools
         return fn(item)
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         return list(pool.map(run, items))
