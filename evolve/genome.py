@@ -157,19 +157,9 @@ def parse_evolve_config(data: Any) -> EvolveConfig:
 
 
 def load_evolve_config(path: str | Path) -> EvolveConfig:
-    import yaml
+    from merge.config import read_yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("GENOME", f"no such file '{path}'")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(str(path), f"malformed YAML{where}: "
-                                     f"{getattr(e, 'problem', None) or 'invalid syntax'}") from None
-    return parse_evolve_config(data)
+    return parse_evolve_config(read_yaml(path, field="GENOME"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,13 +6,15 @@ answers at once.
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 import click
 
 from merge.errors import EvomergeError
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821
+def fail(message: str) -> NoReturn:
+    """Every user-facing error: one line on stderr, exit code 2, no traceback."""
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
 

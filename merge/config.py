@@ -201,17 +201,21 @@ def _one_line(e: ValidationError) -> ConfigError:
     return ConfigError(field, msg)
 
 
-def load_config(path: str | Path) -> MergeConfig:
+def read_yaml(path: str | Path, field: str = "config") -> Any:
+    """A YAML file's data, or a one-line ConfigError (missing file, or where the syntax breaks)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("config", f"no such file '{path}'")
+        raise ConfigError(field, f"no such file '{path}'")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "invalid syntax"
         raise ConfigError(str(path), f"malformed YAML{where}: {problem}") from None
-    return MergeConfig.from_dict(data)
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    return MergeConfig.from_dict(read_yaml(path))

@@ -1,16 +1,10 @@
 """`mergekit-moe CONFIG OUT_DIR [options]` — assemble a mixture-of-experts model."""
 from __future__ import annotations
 
-import sys
-
 import click
 
+from merge.cli import fail
 from merge.errors import EvomergeError
-
-
-def fail(message: str) -> "NoReturn":  # noqa: F821
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

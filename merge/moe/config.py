@@ -131,16 +131,6 @@ class MoEConfig(_Strict):
 
 
 def load_moe_config(path: str | Path) -> MoEConfig:
-    import yaml
+    from merge.config import read_yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("config", f"no such file '{path}'")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(str(path), f"malformed YAML{where}: "
-                                     f"{getattr(e, 'problem', None) or 'invalid syntax'}") from None
-    return MoEConfig.from_dict(data)
+    return MoEConfig.from_dict(read_yaml(path))
