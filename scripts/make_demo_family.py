@@ -2,15 +2,22 @@
 """Build the demo model family: a tiny char-level Llama base and three skill specialists.
 
 The first-run demo needs parents that a merge search can visibly beat, trained in minutes on a CPU.
-What makes merging pay off here (found by experiment on the 2-core machine):
+What makes merges of models this small pay off (measured on the 2-core machine; reproduce the
+numbers with scripts/demo_baselines.py):
 
-* The specialists must stay close to a common ancestor. Specialists trained far from a base that
-  never saw their skills were each perfect at their own skill, but every merge of them scored near
-  zero (their weight changes interfered).
-* So the base is trained mostly on *copying* (`cpy: abc = abc`), which teaches the shared machinery
-  (read the input, emit one output character per step, stop), plus a little of every skill. Each
-  specialist is then a short, low-learning-rate fine-tune on one skill. Every parent is then good at
-  one skill and mediocre at the others, and adding up their task vectors recovers most of all three.
+* The base must already be *partly* good at every skill. It is trained mostly on copying
+  (`cpy: abc =` -> ` abc`, the shared machinery: read the input, emit one character per step, stop)
+  plus some examples of each skill, and stopped while it gets only some of each skill right
+  (about 15-45% per skill; constant learning rate, no decay: a snapshot in the middle of learning).
+  A base that never saw the skills makes every merge score ~0: the specialists then have to build
+  each skill from scratch, and those large weight changes interfere.
+* Each specialist is a short, low-learning-rate fine-tune of that base on its own skill, *anchored*
+  to the base on everything else: half of every batch is its skill (cross-entropy), half is copy and
+  the other two skills, where the loss is the KL divergence to the frozen base's predictions. So a
+  specialist's weight change improves its skill and does (to first order) nothing else; the three
+  task vectors add up instead of fighting. Without the anchor every specialist forgets the other
+  skills (0% on them) and every merge scores ~0; replaying the other skills with their true answers
+  instead would teach them to every specialist (all parents ~95%, nothing left to gain).
 
 Skills (prompt -> answer, the answer ends with the eos token):
     cipher   "cip: abz =" -> " bca"       every letter shifted by one
@@ -27,8 +34,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import shutil
 import string
 import time
@@ -39,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 # Bump whenever anything that changes the trained weights changes: cached families are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 SKILLS = ("cipher", "reverse", "double")
 PREFIX = {"copy": "cpy", "cipher": "cip", "reverse": "rev", "double": "dbl"}
@@ -52,6 +59,7 @@ TOKEN_ID = {t: i for i, t in enumerate(VOCAB)}
 MIN_LEN, MAX_LEN = 3, 8  # letters per input, for training and evaluation alike
 
 # Evaluation splits: fixed content, independent of the family seed, committed in eval_tasks/data.
+TASKS_VERSION = 1  # bump when the evaluation items or the task YAMLs change
 EVAL_SEED = 1234
 SPLIT_SIZES = {"fit": 60, "heldout": 100}
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -66,17 +74,20 @@ class Recipe:
     heads: int = 4
     intermediate: int = 256
     batch: int = 64
-    base_steps: int = 600
-    base_lr: float = 2e-3
-    base_mix: tuple = (("copy", 0.7), ("cipher", 0.1), ("reverse", 0.1), ("double", 0.1))
+    # Base: copy-heavy mix; reverse is the hardest skill, cipher the easiest, hence the shares.
+    base_mix: tuple = (("copy", 0.7), ("cipher", 0.05), ("reverse", 0.15), ("double", 0.1))
+    base_steps: int = 325
+    base_lr: float = 1e-3
     spec_steps: int = 150
     spec_lr: float = 3e-4
+    anchor: float = 1.0  # weight of the KL-to-base term on the other tasks
 
 
 FULL = Recipe()
-# For CI: same shape of procedure, a fraction of the steps (the parents are weaker but the
-# specialists still clearly beat the base on their own skill).
-QUICK = Recipe(layers=2, intermediate=128, batch=32, base_steps=150, spec_steps=60, spec_lr=1e-3)
+# For CI: a smaller model and far fewer steps. The parents are weak, but each specialist still
+# clearly beats the base on its own skill.
+QUICK = Recipe(layers=2, intermediate=128, batch=32, base_steps=250, base_lr=2e-3, spec_steps=150,
+               spec_lr=2e-3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,8 +106,8 @@ def apply_skill(skill: str, s: str) -> str:
 
 
 def make_prompt(skill: str, s: str) -> str:
-    # No trailing space: lm-eval joins prompt and target with target_delimiter " ", so the
-    # continuation it scores is " <answer></s>", exactly what the models are trained to emit.
+    # No trailing space: the lm-eval target is " <answer></s>", exactly what the models are
+    # trained to emit after the prompt.
     return f"{PREFIX[skill]}: {s} ="
 
 
@@ -105,14 +116,18 @@ def encode(text: str) -> list[int]:
     return [TOKEN_ID[c] for c in text]
 
 
-def example_ids(skill: str, s: str) -> tuple[list[int], int]:
+def prompt_answer_ids(prompt: str, answer: str) -> tuple[list[int], int]:
     """(token ids of bos + prompt + " answer" + eos, number of prompt tokens incl. bos)."""
-    prompt = [BOS_ID] + encode(make_prompt(skill, s))
-    return prompt + encode(" " + apply_skill(skill, s)) + [EOS_ID], len(prompt)
+    head = [BOS_ID] + encode(prompt)
+    return head + encode(" " + answer) + [EOS_ID], len(head)
 
 
-def _random_string(gen: torch.Generator) -> str:
-    n = int(torch.randint(MIN_LEN, MAX_LEN + 1, (1,), generator=gen))
+def example_ids(skill: str, s: str) -> tuple[list[int], int]:
+    return prompt_answer_ids(make_prompt(skill, s), apply_skill(skill, s))
+
+
+def _random_string(gen: torch.Generator, max_len: int = MAX_LEN) -> str:
+    n = int(torch.randint(MIN_LEN, max_len + 1, (1,), generator=gen))
     return "".join(LETTERS[i] for i in torch.randint(0, 26, (n,), generator=gen).tolist())
 
 
@@ -142,20 +157,21 @@ def eval_inputs() -> frozenset[str]:
 class Sampler:
     """Deterministic training batches that never contain an evaluation input."""
 
-    def __init__(self, seed: int, forbidden: frozenset[str]):
+    def __init__(self, seed: int, forbidden: frozenset[str], max_len: int = MAX_LEN):
         self.gen = torch.Generator().manual_seed(seed)
         self.forbidden = forbidden
+        self.max_len = max_len
 
     def batch(self, mix: tuple, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        names = [m[0] for m in mix]
-        probs = torch.tensor([m[1] for m in mix], dtype=torch.float64)
+        """`mix`: ((task, probability), ...)."""
+        probs = torch.tensor([p for _, p in mix], dtype=torch.float64)
         picks = torch.multinomial(probs, size, replacement=True, generator=self.gen).tolist()
         seqs, starts = [], []
         for k in picks:
-            s = _random_string(self.gen)
-            while s in self.forbidden:
-                s = _random_string(self.gen)
-            ids, n_prompt = example_ids(names[k], s)
+            s = _random_string(self.gen, self.max_len)
+            while s in self.forbidden:  # the guarantee that no evaluation item is trained on
+                s = _random_string(self.gen, self.max_len)
+            ids, n_prompt = example_ids(mix[k][0], s)
             seqs.append(ids)
             starts.append(n_prompt)
         return _pad(seqs, starts)
@@ -212,33 +228,41 @@ def make_model(recipe: Recipe):
     return LlamaForCausalLM(config).float()
 
 
-def _loss(model, ids: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=ids).logits[:, :-1]
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits that predict tokens 1..n (right padding needs no attention mask in a causal model)."""
+    return model(input_ids=ids).logits[:, :-1]
+
+
+def _ce_loss(model, ids: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the answer tokens only: the prompt is given, not predicted."""
     target = ids[:, 1:].masked_fill(~answer[:, 1:], -100)
+    logits = _logits(model, ids)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100)
 
 
-def train(model, sampler: Sampler, mix: tuple, steps: int, lr: float, batch: int, desc: str,
-          warmup_cosine: bool) -> None:
+def _kl_loss(model, teacher, ids: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || model) over the answer positions: stay what the teacher was on these inputs."""
+    mask = answer[:, 1:]
+    with torch.no_grad():
+        target = F.log_softmax(_logits(teacher, ids)[mask], -1)
+    return F.kl_div(F.log_softmax(_logits(model, ids)[mask], -1), target, log_target=True,
+                    reduction="batchmean")
+
+
+def train(model, loss_fn, steps: int, lr: float, desc: str, warmup: int = 0) -> None:
+    """AdamW on `loss_fn()`, linear warm-up then a constant learning rate.
+
+    No weight decay: it would move every weight and add noise to the task vectors. No decay of the
+    learning rate either: the base is meant to stop half-way, and a specialist's fine-tune is short."""
     from tqdm.auto import tqdm
 
-    # No weight decay: it would drift every weight and add noise to the task vectors.
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-
-    def lr_at(step: int) -> float:
-        if not warmup_cosine:
-            return lr
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
-
     model.train()
     bar = tqdm(range(steps), desc=desc, leave=False)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        loss = _loss(model, *sampler.batch(mix, batch))
+            g["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+        loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -253,16 +277,11 @@ def score(model, rows: list[dict]) -> float:
     """Exact-match accuracy: 1 when " answer</s>" is the greedy continuation of the prompt.
 
     The same test as lm-eval's `loglikelihood` + `acc` (is_greedy), in one batched forward pass."""
-    seqs, starts = zip(*(example_ids_from_row(r) for r in rows))
+    seqs, starts = zip(*(prompt_answer_ids(r["prompt"], r["answer"]) for r in rows))
     ids, answer = _pad(list(seqs), list(starts))
-    pred = model(input_ids=ids).logits[:, :-1].argmax(-1)
+    pred = _logits(model, ids).argmax(-1)
     ok = (pred == ids[:, 1:]) | ~answer[:, 1:]
     return ok.all(dim=1).float().mean().item()
-
-
-def example_ids_from_row(row: dict) -> tuple[list[int], int]:
-    prompt = [BOS_ID] + encode(row["prompt"])
-    return prompt + encode(" " + row["answer"]) + [EOS_ID], len(prompt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +315,37 @@ def _save(model, tokenizer, path: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def _train_family(recipe: Recipe, seed: int, paths: dict[str, Path]) -> None:
+    """The base, then each specialist from it (see the module docstring for why this recipe)."""
+    tokenizer = make_tokenizer()
+    probe = make_prompt("reverse", "abc") + " cba</s>"
+    assert tokenizer.encode(probe) == [BOS_ID] + encode(probe[: -len("</s>")]) + [EOS_ID]
+
+    forbidden = eval_inputs()
+    torch.manual_seed(seed)
+    base = make_model(recipe)
+    sampler = Sampler(seed, forbidden)
+    train(base, lambda: _ce_loss(base, *sampler.batch(recipe.base_mix, recipe.batch)),
+          recipe.base_steps, recipe.base_lr, desc="base", warmup=30)
+    _save(base, tokenizer, paths["base"])
+
+    teacher = copy.deepcopy(base).requires_grad_(False)
+    half = recipe.batch // 2
+    for i, skill in enumerate(SKILLS):
+        model = copy.deepcopy(teacher).requires_grad_(True)
+        own = ((skill, 1.0),)
+        keep = tuple((t, 1.0) for t in ("copy", *SKILLS) if t != skill)
+        # Its own data stream per specialist: the order they are built in does not matter.
+        spec_sampler = Sampler(seed * 1000 + 17 + i, forbidden)
+
+        def loss_fn(model=model, own=own, keep=keep, spec_sampler=spec_sampler):
+            return (_ce_loss(model, *spec_sampler.batch(own, half))
+                    + recipe.anchor * _kl_loss(model, teacher, *spec_sampler.batch(keep, half)))
+
+        train(model, loss_fn, recipe.spec_steps, recipe.spec_lr, desc=skill)
+        _save(model, tokenizer, paths[skill])
+
+
 def build_family(out_dir, seed: int = 0, quick: bool = False, force: bool = False) -> dict[str, Path]:
     """Train (or reuse) the family under `out_dir`; returns {"base": path, "cipher": path, ...}.
 
@@ -315,27 +365,14 @@ def build_family(out_dir, seed: int = 0, quick: bool = False, force: bool = Fals
             shutil.rmtree(p)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    # Two threads: the time budget is set for the 2-core machine, and a fixed thread count keeps
+    # the floating-point reduction order (hence the weights) identical from run to run.
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    tokenizer = make_tokenizer()
-    probe = make_prompt("reverse", "abc") + " cba</s>"
-    assert tokenizer.encode(probe) == [BOS_ID] + encode(probe[: -len("</s>")]) + [EOS_ID]
-
-    forbidden = eval_inputs()
-    torch.manual_seed(seed)
-    base = make_model(recipe)
-    sampler = Sampler(seed, forbidden)
-    train(base, sampler, recipe.base_mix, recipe.base_steps, recipe.base_lr, recipe.batch,
-          desc="base", warmup_cosine=True)
-    _save(base, tokenizer, paths["base"])
-    base_state = {k: v.clone() for k, v in base.state_dict().items()}
-
-    for i, skill in enumerate(SKILLS):
-        base.load_state_dict(base_state)
-        # Each specialist gets its own data stream so that the order they are built in is irrelevant.
-        spec_sampler = Sampler(seed * 1000 + 17 + i, forbidden)
-        train(base, spec_sampler, ((skill, 1.0),), recipe.spec_steps, recipe.spec_lr, recipe.batch,
-              desc=skill, warmup_cosine=False)
-        _save(base, tokenizer, paths[skill])
+    try:
+        _train_family(recipe, seed, paths)
+    finally:
+        torch.set_num_threads(threads)
 
     want["build_seconds"] = round(time.time() - t0, 1)
     (out_dir / MANIFEST).write_text(json.dumps(want, indent=2) + "\n")
@@ -354,8 +391,10 @@ dataset_kwargs:
 test_split: test
 output_type: loglikelihood
 doc_to_text: "{{{{prompt}}}}"
-target_delimiter: " "
-doc_to_target: "{{{{answer}}}}</s>"
+# lm-eval 0.4.13 ignores target_delimiter for loglikelihood requests, so the space is in the target
+# (and the delimiter is empty so that few-shot contexts do not get a second space).
+target_delimiter: ""
+doc_to_target: " {{{{answer}}}}</s>"
 metric_list:
   - metric: acc
     aggregation: mean
@@ -390,13 +429,13 @@ def write_tasks(tasks_dir: Path = DEFAULT_TASKS_DIR) -> list[Path]:
         f = data_dir / f"{task}.jsonl"
         f.write_text("".join(json.dumps(r) + "\n" for r in rows))
         y = tasks_dir / f"{task}.yaml"
-        y.write_text(TASK_TEMPLATE.format(task=task, version=RECIPE_VERSION))
+        y.write_text(TASK_TEMPLATE.format(task=task, version=TASKS_VERSION))
         written += [f, y]
     for split in SPLIT_SIZES:
         y = tasks_dir / f"demo_{split}.yaml"
         tasks = "".join(f"  - demo_{skill}_{split}\n" for skill in SKILLS)
         y.write_text(GROUP_TEMPLATE.format(group=f"demo_{split}", tasks=tasks.rstrip("\n"),
-                                           version=RECIPE_VERSION))
+                                           version=TASKS_VERSION))
         written.append(y)
     return written
 
