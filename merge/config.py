@@ -101,6 +101,15 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
           "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
 
 
+def canonical_dtype(v: Optional[str]) -> Optional[str]:
+    """A dtype name as users write it (bf16, half, ...) → its torch name; unknown names refused."""
+    if v is None:
+        return v
+    if v not in DTYPES:
+        raise ValueError(f"unknown dtype '{v}'; use one of float32, float16, bfloat16")
+    return DTYPES[v]
+
+
 class MergeConfig(_Strict):
     merge_method: str
     models: Optional[list[InputModel]] = None
@@ -130,14 +139,7 @@ class MergeConfig(_Strict):
             v = v["model"]
         return v.strip() if isinstance(v, str) else v
 
-    @field_validator("dtype", "out_dtype")
-    @classmethod
-    def _dtype(cls, v):
-        if v is None:
-            return v
-        if v not in DTYPES:
-            raise ValueError(f"unknown dtype '{v}'; use one of float32, float16, bfloat16")
-        return DTYPES[v]
+    _dtype = field_validator("dtype", "out_dtype")(lambda cls, v: canonical_dtype(v))
 
     # --- construction -------------------------------------------------------------------------
     @classmethod

@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from merge.config import DTYPES, _one_line
+from merge.config import _one_line, canonical_dtype
 from merge.errors import ConfigError
 
 GATE_MODES = ("hidden", "cheap_embed", "random")
@@ -81,14 +81,7 @@ class MoEConfig(_Strict):
             raise ValueError("must be at least 1")
         return v
 
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v):
-        if v is None:
-            return v
-        if v not in DTYPES:
-            raise ValueError(f"unknown dtype '{v}'; use one of float32, float16, bfloat16")
-        return DTYPES[v]
+    _dtype = field_validator("dtype")(lambda cls, v: canonical_dtype(v))
 
     @classmethod
     def from_dict(cls, data) -> "MoEConfig":
