@@ -84,8 +84,12 @@ def _torch_dtype(code_or_name: Optional[str]):
             "bfloat16": torch.bfloat16, "float64": torch.float64}.get(code_or_name)
 
 
-def merge_tensor(plan: Plan, tp: TensorPlan, reader: TensorReader, seed: Optional[int]):
-    """One output tensor: read its inputs, cast to the compute dtype, run the kernel."""
+def merge_tensor(plan: Plan, tp: TensorPlan, reader: TensorReader, seed: Optional[int],
+                 out=None):
+    """One output tensor: read its inputs, cast to the compute dtype, run the kernel.
+
+    `out` (optional) is a destination the kernel may write into directly; the result is returned
+    either way (it is `out` itself when the kernel used it)."""
     from merge.methods import MergeInputs
 
     compute = _torch_dtype(plan.compute_dtype)
@@ -101,7 +105,7 @@ def merge_tensor(plan: Plan, tp: TensorPlan, reader: TensorReader, seed: Optiona
         return _merge_vocab_tensor(plan, tp, load, seed, out_dtype)
     inputs = MergeInputs(name=tp.name, tensors=[load(i) for i in tp.inputs],
                          base=load(tp.base) if tp.base else None, model_params=tp.model_params,
-                         params=tp.params, seed=seed, out_dtype=out_dtype)
+                         params=tp.params, seed=seed, out_dtype=out_dtype, out=out)
     out = plan.method.kernel(inputs)
     if out.dtype != out_dtype:
         out = out.to(out_dtype)
@@ -150,7 +154,10 @@ def _merge_vocab_tensor(plan: Plan, tp: TensorPlan, load, seed, out_dtype):
 
 
 def execute(plan: Plan, sink: Callable[[str, object], None], reader: TensorReader,
-            options: MergeOptions, progress: bool = True) -> None:
+            options: MergeOptions, progress: bool = True,
+            destination: Optional[Callable[[str], object]] = None) -> None:
+    """Merge every tensor of the plan and hand it to `sink(name, tensor)`. `destination(name)`,
+    when given, names a tensor the kernel may write the result into (see merge_tensor)."""
     import torch
     from tqdm import tqdm
 
@@ -169,7 +176,8 @@ def execute(plan: Plan, sink: Callable[[str, object], None], reader: TensorReade
         with torch.no_grad():
             for tp in plan.tensors:
                 bar.set_postfix_str(tp.name[-40:], refresh=False)
-                sink(tp.name, merge_tensor(plan, tp, reader, options.random_seed))
+                out = destination(tp.name) if destination is not None else None
+                sink(tp.name, merge_tensor(plan, tp, reader, options.random_seed, out))
                 bar.update(tp.nbytes)
     finally:
         bar.close()
@@ -241,10 +249,16 @@ class InMemoryMerger:
         return plan
 
     def merge_state(self, config: MergeConfig) -> dict:
-        plan = self.plan(config)
         state: dict = {}
-        execute(plan, state.__setitem__, self._reader, self.options, progress=False)
+        self.merge_stream(config, state.__setitem__)
         return state
+
+    def merge_stream(self, config: MergeConfig, sink: Callable[[str, object], None]) -> None:
+        """Hand each merged tensor to `sink(name, tensor)` as it is made, under its checkpoint name
+        (a tied model has no separate head tensor). The sink may keep or send it; nothing else
+        holds it."""
+        plan = self.plan(config)   # first: it opens the reader on the first call
+        execute(plan, sink, self._reader, self.options, progress=False)
 
     def merge_into(self, config: MergeConfig, model) -> None:
         import torch
@@ -257,11 +271,18 @@ class InMemoryMerger:
             raise EvomergeError(f"the model has no parameter '{missing[0]}'; build it with "
                                 f"InMemoryMerger.build_model for this config's layout")
 
-        def copy_in(name, tensor):
-            with torch.no_grad():
-                targets[name].copy_(tensor)
+        # Kernels write straight into the parameters (detached views: chunk threads do not see
+        # this thread's no_grad); whatever a kernel returns elsewhere is copied in.
+        live = {name: t.detach() for name, t in targets.items()}
 
-        execute(plan, copy_in, self._reader, self.options, progress=False)
+        def copy_in(name, tensor):
+            target = live[name]
+            if tensor.data_ptr() != target.data_ptr():
+                with torch.no_grad():
+                    target.copy_(tensor)
+
+        execute(plan, copy_in, self._reader, self.options, progress=False,
+                destination=live.get)
 
     def build_model(self, config: MergeConfig):
         import torch

@@ -14,7 +14,7 @@ of importances is kept (merge/methods/order_stats.py).
 """
 from __future__ import annotations
 
-from merge.methods.chunks import flat, output_like, row_spans
+from merge.methods.chunks import flat, row_spans
 from merge.methods.order_stats import SMALL, quantiles, sample_positions
 from merge.methods.parallel import buffer, map_chunks
 from merge.methods.registry import MergeInputs, register
@@ -63,7 +63,7 @@ def arcee_fusion(inp: MergeInputs):
     q1, median, q3 = quantiles(importance, spans, n, [0.25, 0.5, 0.75], sample, device)
     threshold = median + 1.5 * (q3 - q1)
 
-    out = output_like(inp.base, inp.out_dtype)
+    out = inp.output(inp.base)
     out_flat = flat(out)
 
     def write(s):

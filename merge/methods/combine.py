@@ -43,14 +43,16 @@ def gram(xs: Sequence, base=None):
     return total
 
 
-def combine(xs: Sequence, coeffs: Sequence[float], base=None, out_dtype=None):
+def combine(xs: Sequence, coeffs: Sequence[float], base=None, out_dtype=None, out=None):
     """out = base + Σ cᵢ·(xᵢ − base) with a base, Σ cᵢ·xᵢ without; chunked fp32, in `out_dtype`.
 
     With a base the task vectors are formed first, so identical models give the base back exactly
     and small task vectors keep their precision.
     """
     ref = base if base is not None else xs[0]
-    out = output_like(ref, out_dtype)
+    if (out is None or tuple(out.shape) != tuple(ref.shape) or out.dtype != out_dtype
+            or out.device != ref.device or not out.is_contiguous()):
+        out = output_like(ref, out_dtype)     # `out`, when it fits, is a live destination
     out_flat = flat(out)
     coeffs = [float(c) for c in coeffs]
 

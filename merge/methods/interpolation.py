@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from merge.errors import EvomergeError
-from merge.methods.chunks import flat, output_like, spans
+from merge.methods.chunks import flat, spans
 from merge.methods.parallel import buffer, map_chunks
 from merge.methods.registry import MergeInputs, Param, register
 
@@ -24,7 +24,7 @@ def linear(inp: MergeInputs):
                                 f"the weights or set normalize: false")
         weights = [w / total for w in weights]
     xs = [flat(x) for x in inp.tensors]
-    out = output_like(inp.tensors[0], inp.out_dtype)
+    out = inp.output(inp.tensors[0])
     out_flat = flat(out)
 
     def chunk(s):
@@ -69,7 +69,7 @@ def slerp(inp: MergeInputs):
     t = float(inp.params["t"])
     v0, v1 = flat(inp.base), flat(inp.tensors[0])
     c0, c1 = slerp_coefficients(t, *_dot_and_norms(v0, v1))
-    out = output_like(inp.base, inp.out_dtype)
+    out = inp.output(inp.base)
     out_flat = flat(out)
 
     def chunk(s):
@@ -89,7 +89,7 @@ def passthrough(inp: MergeInputs):
     x = inp.tensors[0]
     if scale == 1.0:
         return x if inp.out_dtype in (None, x.dtype) else x.to(inp.out_dtype)
-    out = output_like(x, inp.out_dtype)
+    out = inp.output(x)
     out_flat, x_flat = flat(out), flat(x)
 
     def chunk(s):

@@ -13,7 +13,7 @@ model); orthogonal task vectors give t = 0 (the base).
 """
 from __future__ import annotations
 
-from merge.methods.chunks import flat, output_like, row_length, row_spans
+from merge.methods.chunks import flat, row_length, row_spans
 from merge.methods.combine import combine, gram, stacked_chunk
 from merge.methods.parallel import buffer, map_chunks
 from merge.methods.registry import MergeInputs, Param, register
@@ -52,10 +52,10 @@ def model_stock(inp: MergeInputs):
     n = len(xs)
     if not inp.params.get("filter_wise", False) or len(base.shape) < 2:
         t = float(stock_ratio(mean_pairwise_cosine(gram(xs, base)), n))
-        return combine(xs, [t / n] * n, base, inp.out_dtype)
+        return combine(xs, [t / n] * n, base, inp.out_dtype, inp.out)
 
     length = row_length(base.shape)
-    out = output_like(base, inp.out_dtype)
+    out = inp.output(base)
     out_flat = flat(out)
 
     def part(s):

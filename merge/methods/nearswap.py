@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from merge.methods.chunks import flat, output_like, row_spans
+from merge.methods.chunks import flat, row_spans
 from merge.methods.parallel import buffer, map_chunks
 from merge.methods.registry import MergeInputs, Param, register
 
@@ -27,7 +27,7 @@ def nearswap(inp: MergeInputs):
 
     t = float(inp.params["t"])
     base, other = flat(inp.base), flat(inp.tensors[0])
-    out = output_like(inp.base, inp.out_dtype)
+    out = inp.output(inp.base)
     out_flat = flat(out)
 
     def part(s):

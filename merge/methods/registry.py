@@ -42,6 +42,23 @@ class MergeInputs:
     params: dict[str, Any] = field(default_factory=dict)              # per-tensor params
     seed: int | None = None             # --random-seed, mixed with the name for per-tensor masks
     out_dtype: Any = None               # dtype the result is stored in (kernels may write it directly)
+    out: Any = None                     # optional destination (a live model's parameter): kernels
+                                        # that make a fresh output write into it instead
+
+    def output(self, like):
+        """Where a kernel writes its result: `out` when it fits, else a new tensor like `like`.
+
+        `out` lets an in-memory merge write straight into the evaluation model's parameters,
+        sparing a multi-GB allocation and a copy per candidate. Kernels never read `out`, so its
+        old contents cannot leak into the result.
+        """
+        from merge.methods.chunks import output_like
+
+        out = self.out
+        if (out is not None and tuple(out.shape) == tuple(like.shape) and out.dtype == self.out_dtype
+                and out.device == like.device and out.is_contiguous()):
+            return out
+        return output_like(like, self.out_dtype)
 
     def per_model(self, key: str) -> list[Any]:
         return [p[key] for p in self.model_params]

@@ -12,7 +12,7 @@ Three streaming passes (variance threshold, weights, output); no full-size buffe
 """
 from __future__ import annotations
 
-from merge.methods.chunks import flat, output_like, row_spans
+from merge.methods.chunks import flat, row_spans
 from merge.methods.combine import stacked_chunk
 from merge.methods.order_stats import SMALL, kth_largest_many, sample_positions
 from merge.methods.parallel import buffer, map_chunks
@@ -39,7 +39,7 @@ def sce(inp: MergeInputs):
     spans = list(row_spans(base.shape))
     topk = float(inp.params.get("select_topk", 1.0))
     keep = int(round(topk * n))
-    out = output_like(base, inp.out_dtype)
+    out = inp.output(base)
     if keep <= 0:                                      # nothing selected: the base
         out.copy_(base)
         return out

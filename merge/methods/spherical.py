@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from merge.methods.chunks import flat, output_like, row_length, row_spans
+from merge.methods.chunks import flat, row_length, row_spans
 from merge.methods.combine import check_weight_sum, combine, gram, stacked_chunk
 from merge.methods.parallel import buffer, map_chunks
 from merge.methods.registry import MergeInputs, Param, register
@@ -70,7 +70,7 @@ def nuslerp(inp: MergeInputs):
     if inp.params.get("nuslerp_flatten", True) or len(shape) < 2:
         g = gram(xs, base)
         c0, c1 = slerp_coefficients(t, g[0, 1], g[0, 0], g[1, 1])
-        return combine(xs, [float(c0), float(c1)], base, inp.out_dtype)
+        return combine(xs, [float(c0), float(c1)], base, inp.out_dtype, inp.out)
     if inp.params.get("nuslerp_row_wise", False):
         return _nuslerp_rows(inp, t)
     return _nuslerp_columns(inp, t)
@@ -80,7 +80,7 @@ def _nuslerp_rows(inp: MergeInputs, t: float):
     """Each row W[r, :] is interpolated on its own; chunks hold whole rows, so one pass."""
     xs, base = inp.tensors, inp.base
     shape, length = xs[0].shape, row_length(xs[0].shape)
-    out = output_like(xs[0], inp.out_dtype)
+    out = inp.output(xs[0])
     out_flat = flat(out)
 
     def part(s):
@@ -119,7 +119,7 @@ def _nuslerp_columns(inp: MergeInputs, t: float):
         totals += p
     c0, c1 = slerp_coefficients(t, totals[0], totals[1], totals[2])
     c0, c1 = c0.float().to(xs[0].device), c1.float().to(xs[0].device)
-    out = output_like(xs[0], inp.out_dtype)
+    out = inp.output(xs[0])
     out_flat = flat(out)
 
     def write(s):
@@ -262,7 +262,7 @@ def _spherical_merge(inp: MergeInputs, weights, eps, iterations, norm_scale, tol
     G = gram(xs, base)
     m = spherical_mean(G, weights, eps, iterations, tol)
     if m is None:   # no preferred direction: the weighted linear average (zero if they cancel)
-        return combine(xs, weights, base, inp.out_dtype)
+        return combine(xs, weights, base, inp.out_dtype, inp.out)
     norms = torch.sqrt(torch.diagonal(G).clamp_min(0))
     scale = norm_scale * sum(w * float(nv) for w, nv in zip(weights, norms))
-    return combine(xs, (m * scale).tolist(), base, inp.out_dtype)
+    return combine(xs, (m * scale).tolist(), base, inp.out_dtype, inp.out)

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from merge.methods.chunks import flat, output_like
+from merge.methods.chunks import flat
 from merge.methods.parallel import buffer, map_chunks
 from merge.methods.registry import MergeInputs, Param, register
 from merge.methods.sparsify import (Chunk, ChunkFn, band, bernoulli, chunks_of, della_check,
@@ -43,7 +43,7 @@ def task_vector_merge(inp: MergeInputs, pipeline: Pipeline):
            for i in range(len(inp.tensors))]
     base = flat(inp.base)
     xs = [flat(x) for x in inp.tensors]
-    out = output_like(inp.base, inp.out_dtype)
+    out = inp.output(inp.base)
     out_flat = flat(out)
     total_w = sum(weights)
     device = base.device
