@@ -46,6 +46,8 @@ class Options:
     merge_best: bool = True
     trust_remote_code: bool = False
     quiet: bool = False
+    limit: Optional[float] = None              # overrides the genome file's `limit`
+    layer_granularity: Optional[int] = None    # overrides `genome.layer_granularity`
 
 
 def _parse_duration(ctx, param, value):
@@ -60,6 +62,15 @@ def _parse_duration(ctx, param, value):
     if seconds <= 0:
         raise click.BadParameter("must be positive")
     return seconds
+
+
+def _parse_limit(ctx, param, value):
+    from evolve.sweep import parse_limit
+
+    try:
+        return parse_limit(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e))
 
 
 def _parse_batch_size(ctx, param, value):
@@ -81,6 +92,11 @@ def _parse_batch_size(ctx, param, value):
                    "of --workers].")
 @click.option("--sigma0", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Initial CMA-ES step as a fraction of each gene's range [default: 0.25].")
+@click.option("--limit", callback=_parse_limit, default=None,
+              help="Items per task per candidate, overriding the genome file's limit (a count, "
+                   "or a fraction below 1).")
+@click.option("--layer-granularity", type=int, default=None,
+              help="Layers per gene block, overriding genome.layer_granularity (0: one block).")
 @click.option("--seed", type=int, default=None,
               help="Seed of CMA-ES and of random merge methods (DARE...) [default: 42].")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
@@ -124,7 +140,8 @@ def cli(**kwargs):
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: usage errors become one `error:` line with exit code 2 as well."""
     try:
-        code = cli.main(args=argv, prog_name="mergekit-evolve", standalone_mode=False)
+        args = _hyphenate_long_options(sys.argv[1:] if argv is None else list(argv))
+        code = cli.main(args=args, prog_name="mergekit-evolve", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:
         click.echo(e.ctx.get_help() if e.ctx else str(e))
         sys.exit(2)
@@ -136,6 +153,20 @@ def main(argv: Optional[list[str]] = None) -> None:
         click.echo("error: aborted", err=True)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def _hyphenate_long_options(args: list[str]) -> list[str]:
+    """`--layer_granularity=2` → `--layer-granularity=2`: W&B sweep agents spell options as the
+    sweep's parameter names (`${args}` → `--name=value`), and Python names use underscores."""
+    out = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + args[i:]
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, eq, value = arg.partition("=")
+            arg = name.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
 
 
 def fail(message: str, code: int = 2) -> int:
@@ -155,11 +186,20 @@ def _run(opts: Options) -> int:
     from evolve.genome import GenomeSpace, load_evolve_config
     from evolve.report import dump_config
 
-    if opts.backend == "vllm":
-        raise EvomergeError("--backend vllm: vLLM is not installed in this environment and the "
-                            "vLLM backend is not supported by this version yet; use --backend hf")
+    if opts.backend == "vllm":   # an import check only: vLLM itself is imported by the workers
+        from evolve.vllm_backend import check_installed
+
+        check_installed()
+    from evolve.sweep import apply_overrides, rename_error
+    from merge.errors import ConfigError
+
     cfg = load_evolve_config(opts.genome)
-    space = GenomeSpace.build(cfg.genome)
+    overrides = _storage_and_overrides(opts)
+    cfg = apply_overrides(cfg, overrides)
+    try:
+        space = GenomeSpace.build(cfg.genome)
+    except ConfigError as e:     # e.g. a --layer-granularity that does not divide the layers
+        raise rename_error(e, overrides) from None
     seed = 42 if opts.seed is None else opts.seed
     x0 = space.initial_vector(random=cfg.random_init, seed=seed)
     config0 = space.decode(x0)
@@ -177,7 +217,32 @@ def _run(opts: Options) -> int:
         raise EvomergeError("--storage-path: required; name a folder for the history, "
                             "checkpoints, report and best model")
     device, gpus = _device_and_gpus(opts)
+    if opts.backend == "vllm":
+        from evolve.vllm_backend import VllmSettings, check_resources
+
+        check_resources(cfg.vllm or VllmSettings(), device, gpus)
+    elif cfg.vllm is not None and not opts.quiet:
+        click.echo("note: the genome's vllm: section applies to --backend vllm only", err=True)
     return Run(opts, cfg, space, config0, seed, device, gpus).execute()
+
+
+def _storage_and_overrides(opts: Options) -> dict:
+    """Settle the storage folder (one per run under a W&B sweep agent, see evolve.sweep) and the
+    genome-file overrides (--limit, --layer-granularity; on --resume, those in run.json)."""
+    from evolve import sweep
+
+    if opts.storage_path and not opts.dry_run:
+        path, why = sweep.resolve_storage_path(opts.storage_path, opts.resume)
+        if why and not opts.quiet:
+            click.echo(f"storage: {path} ({why})", err=True)
+        opts.storage_path = path
+        if sweep.sweep_agent() and (Path(path) / "run.json").is_file() and not opts.resume:
+            opts.resume = True    # the agent re-runs a preempted run under the same id
+    given = {name: getattr(opts, name) for name in sweep.OVERRIDES}
+    overrides = sweep.resolve_overrides(given, opts.storage_path, opts.resume)
+    for name, value in overrides.items():
+        setattr(opts, name, value)      # recorded in run.json by Run._meta
+    return overrides
 
 
 def _device_and_gpus(opts: Options) -> tuple[str, float]:
@@ -195,9 +260,19 @@ def _device_and_gpus(opts: Options) -> tuple[str, float]:
     if device.startswith("cuda") and gpus == 0:
         raise EvomergeError("--device: cuda needs --gpus-per-worker > 0 so that Ray gives each "
                             "worker a GPU")
+    if gpus > 0 and device == "cpu":
+        # Only when both are given: Ray reserves the GPU slots (fractions too), while merging and
+        # scoring run on the CPU (a cluster whose GPUs serve something else, or a CPU rehearsal
+        # of a GPU run with logical GPUs: `ray start --num-gpus N`). See docs/cluster.md.
+        return device, gpus
     if gpus > 0 and not device.startswith("cuda"):
         raise EvomergeError(f"--gpus-per-worker: {gpus:g} GPUs requested but --device is {device}; "
                             f"use --device cuda or --gpus-per-worker 0")
+    index = device.partition(":")[2]
+    if gpus > 0 and index.isdigit() and int(index) >= max(1, int(gpus)):
+        # Ray sets CUDA_VISIBLE_DEVICES to each worker's own GPU(s): they are cuda:0, cuda:1 ...
+        raise EvomergeError(f"--device: {device} does not exist inside a worker that Ray gives "
+                            f"{gpus:g} GPU(s) (it sees them as cuda:0...); use --device cuda")
     return device, gpus
 
 
@@ -221,7 +296,7 @@ class Run:
 
         opts = self.opts
         store = self.store = RunStore(opts.storage_path)
-        identity = {"evolve": self.cfg.model_dump(mode="json")}
+        identity = {"evolve": self.cfg.model_dump(mode="json", exclude={"vllm"})}
         created = not store.root.exists()
         resuming = store.prepare(identity, opts.resume)
         if opts.resume and not resuming:
@@ -252,6 +327,7 @@ class Run:
     # --- checks --------------------------------------------------------------------------------
     def _meta(self, identity: dict, resuming: bool) -> dict:
         from evolve.search import default_popsize
+        from evolve.sweep import OVERRIDES, sweep_agent
 
         opts = self.opts
         if resuming:
@@ -269,7 +345,11 @@ class Run:
             "identity": identity,
             "search": {"popsize": opts.popsize or default_popsize(self.space.dim, opts.workers),
                        "sigma0": opts.sigma0 or 0.25, "seed": self.seed, "dim": self.space.dim},
-            "wandb_id": uuid.uuid4().hex[:12],
+            # command-line overrides of the genome file, reapplied by --resume
+            "overrides": {name: getattr(opts, name) for name in OVERRIDES
+                          if getattr(opts, name) is not None},
+            # under a W&B sweep agent the run is the agent's (evolve.tracking.init_kwargs)
+            "wandb_id": (sweep_agent() or (None, uuid.uuid4().hex[:12]))[1],
         }
 
     def _tasks(self):
@@ -323,7 +403,9 @@ class Run:
                        else max(1, int(opts.cpus_per_worker)))
             spec = WorkerSpec(initial_config=self.config0, eval=self.settings, device=self.device,
                               merge_seed=self.seed, trust_remote_code=opts.trust_remote_code,
-                              threads=threads, die_marker=os.environ.get(DIE_ONCE_ENV))
+                              threads=threads, die_marker=os.environ.get(DIE_ONCE_ENV),
+                              backend=opts.backend,
+                              vllm=self.cfg.vllm.model_dump() if self.cfg.vllm else None)
             self.log(f"{'resuming' if resuming else 'starting'}: {self.space.dim} genes, popsize "
                      f"{meta['search']['popsize']}, {len(search.history)}/{opts.max_fevals} "
                      f"evaluations done; Ray ready in {ray_seconds:.1f}s, starting "
@@ -334,13 +416,14 @@ class Run:
             pool = WorkerPool(spec, opts.workers, cpus=opts.cpus_per_worker, gpus=self.gpus,
                               log=self.log)
             self.log(f"workers ready in {time.perf_counter() - t1:.1f}s (model + tasks built in "
-                     f"{max(pool.worker_startup):.1f}s per worker)")
+                     f"{max(pool.worker_startup):.1f}s per worker); {_placement(pool.placements)}")
             if opts.wandb:
-                from evolve.tracking import Tracker
+                from evolve.tracking import Tracker, gene_names
 
                 tracker = Tracker(store.root, opts.wandb_project, opts.wandb_entity,
                                   meta["wandb_id"], config=_wandb_config(meta, opts),
-                                  resume=resuming)
+                                  resume=resuming, genes=gene_names(self.space),
+                                  tasks=[t.name for t in self.cfg.tasks])
             outcome = self._loop(search, pool, tracker)
         except KeyboardInterrupt:
             self._close_bar()
@@ -380,7 +463,9 @@ class Run:
 
         def on_generation(stats):
             if tracker is not None:
-                tracker.log_generation(stats, search.best())
+                g = stats["generation"]
+                tracker.log_generation(stats, [r for r in search.history if r["generation"] == g],
+                                       search.best(), self.store.best_config)
             # Re-draw the report now and then, so a long run can be watched.
             if time.monotonic() - state["last_report"] > 60:
                 self._write_report(search, "running")
@@ -425,7 +510,7 @@ class Run:
         self._finish_outputs(search, outcome.reason, merge=self.opts.merge_best)
         if tracker is not None:
             tracker.finish(search.history, self.store.best_config if best else None,
-                           outcome.reason)
+                           outcome.reason, best=best, report_png=self.store.report_png)
         store = self.store
         if best is None:
             click.echo(f"stopped ({outcome.reason}) after {outcome.fevals} evaluations; no "
@@ -441,6 +526,18 @@ class Run:
         return 0
 
 
+def _placement(placements: list[dict]) -> str:
+    """`placed on 2 node(s): 1a2b3c4d ×2 (GPU 0, 0), 5e6f7a8b ×1 (GPU 1)`."""
+    nodes: dict = {}
+    for p in placements:
+        nodes.setdefault(p.get("node") or "local", []).append(p.get("gpus") or [])
+    parts = []
+    for node, gpus in nodes.items():
+        ids = ", ".join("+".join(g) for g in gpus if g)
+        parts.append(f"{node} ×{len(gpus)}" + (f" (GPU {ids})" if ids else ""))
+    return f"placed on {len(nodes)} node(s): " + ", ".join(parts)
+
+
 def _search_options(meta: dict, opts: Options, cfg):
     from evolve.search import SearchOptions
 
@@ -450,7 +547,8 @@ def _search_options(meta: dict, opts: Options, cfg):
 
 
 def _wandb_config(meta: dict, opts: Options) -> dict:
-    return {"genome": meta["identity"]["evolve"], **meta["search"], "workers": opts.workers,
+    return {"genome": meta["identity"]["evolve"], **meta["search"], **meta.get("overrides", {}),
+            "workers": opts.workers,
             "max_fevals": opts.max_fevals, "device": opts.device or "auto"}
 
 

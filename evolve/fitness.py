@@ -54,18 +54,15 @@ def extract_score(results: dict, task: str, metric: str) -> float:
                         f"{', '.join(available) or 'nothing'}); fix tasks[].metric in the genome")
 
 
-class Scorer:
-    """Holds the HFLM wrapper and the task objects of one worker; `score()` evaluates the model's
-    current weights."""
+class TaskScorer:
+    """Holds an lm-eval model wrapper and the task objects of one worker; `score()` evaluates
+    whatever weights the wrapped model holds right now. Backends differ only in the wrapper."""
 
-    def __init__(self, model, tokenizer, settings: EvalSettings):
-        from lm_eval.models.huggingface import HFLM
-
+    def __init__(self, lm, settings: EvalSettings):
         from evolve import tasks as task_lib
 
         self.settings = settings
-        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
-                       device=settings.device)
+        self.lm = lm
         tm = task_lib.task_manager(settings.include_dir, settings.task_names)
         self.task_dict = task_lib.load_tasks(tm, settings.task_names, settings.num_fewshot,
                                              settings.seed)
@@ -84,3 +81,13 @@ class Scorer:
             apply_chat_template=s.apply_chat_template,
             fewshot_as_multiturn=s.fewshot_as_multiturn)
         return {name: extract_score(results, name, s.metrics[name]) for name in s.task_names}
+
+
+class Scorer(TaskScorer):
+    """The Hugging Face backend: lm-eval's HFLM around a live transformers model."""
+
+    def __init__(self, model, tokenizer, settings: EvalSettings):
+        from lm_eval.models.huggingface import HFLM
+
+        super().__init__(HFLM(pretrained=model, tokenizer=tokenizer,
+                              batch_size=settings.batch_size, device=settings.device), settings)

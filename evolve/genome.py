@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from merge.errors import ConfigError
 
+from evolve.vllm_backend import VllmSettings   # pydantic only: vLLM itself is not imported
+
 # Ranges used when neither the user nor the method registry bounds a parameter. A range is what
 # CMA-ES explores, so it has to be finite; these are the ranges practitioners actually use.
 DEFAULT_RANGES: dict[str, tuple[float, float]] = {
@@ -124,6 +126,9 @@ class EvolveConfig(_Strict):
     random_init: bool = False      # start CMA-ES from a random point instead of an even mix
     apply_chat_template: bool = False
     fewshot_as_multiturn: bool = False
+    # `--backend vllm` engine settings. Not part of the run's identity (evolve.cli leaves them out
+    # of it): like --batch-size or --backend, they may change on --resume (after an OOM, say).
+    vllm: Optional[VllmSettings] = None
 
     @model_validator(mode="after")
     def _unique_tasks(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections import deque
@@ -22,7 +23,9 @@ from merge.errors import EvomergeError
 from evolve.fitness import EvalSettings
 
 # Test hook: a path; the first worker to find it absent creates it and exits mid-evaluation (after
-# merging, before scoring), as a crashed or preempted worker would. Used by the test suite only.
+# merging, before scoring), as a crashed or preempted worker would. `node:PATH` takes the worker's
+# whole node down instead (SIGKILL to its raylet; never on the head node), as a lost machine
+# would. Used by the test suite only.
 DIE_ONCE_ENV = "EVOMERGE_TEST_WORKER_EXIT_ONCE"
 
 
@@ -37,6 +40,8 @@ class WorkerSpec:
     trust_remote_code: bool = False
     threads: Optional[int] = None
     die_marker: Optional[str] = None
+    backend: str = "hf"             # hf | vllm
+    vllm: Optional[dict] = None     # the genome's `vllm:` section (vllm_backend.VllmSettings)
 
 
 class EvalWorker:
@@ -44,6 +49,7 @@ class EvalWorker:
 
     def __init__(self, spec: WorkerSpec):
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.placement = _placement()
         self.error: Optional[str] = None
         t0 = time.perf_counter()
         try:
@@ -64,6 +70,12 @@ class EvalWorker:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.spec = spec
+        if spec.backend == "vllm":   # one engine, each candidate swapped in place (docs/vllm.md)
+            from evolve.vllm_backend import VllmBackend
+
+            backend = VllmBackend.start(spec)
+            self.scorer, self._load = backend.scorer, backend.load
+            return
         self.merger = InMemoryMerger(MergeOptions(device=spec.device, random_seed=spec.merge_seed,
                                                   quiet=True,
                                                   trust_remote_code=spec.trust_remote_code))
@@ -71,9 +83,11 @@ class EvalWorker:
         self.model = self.merger.build_model(config)
         tokenizer = _merged_tokenizer(self.merger.plan(config), spec.trust_remote_code)
         self.scorer = Scorer(self.model, tokenizer, spec.eval)
+        self._load = lambda cfg: self.merger.merge_into(cfg, self.model)
 
     def info(self) -> dict:
-        return {"worker": self.name, "error": self.error, "startup_seconds": self.startup_seconds}
+        return {"worker": self.name, "error": self.error, "startup_seconds": self.startup_seconds,
+                **self.placement}
 
     def evaluate(self, config: dict) -> dict:
         from merge.config import MergeConfig
@@ -83,7 +97,7 @@ class EvalWorker:
         try:
             if self.error:
                 raise EvomergeError(self.error)
-            self.merger.merge_into(MergeConfig.from_dict(config), self.model)
+            self._load(MergeConfig.from_dict(config))
             t1 = time.perf_counter()
             self._test_hook_die()
             out["scores"] = self.scorer.score()
@@ -98,11 +112,39 @@ class EvalWorker:
         marker = self.spec.die_marker
         if not marker:
             return
+        whole_node = marker.startswith("node:")
+        if whole_node:
+            marker = marker[len("node:"):]
+            if self.placement.get("head", True):
+                return
         try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return
+        raylet = os.getppid()
+        os.write(fd, f"{raylet}\n".encode())
+        os.close(fd)
+        if whole_node and b"raylet" in Path(f"/proc/{raylet}/cmdline").read_bytes():
+            import signal
+
+            os.kill(raylet, signal.SIGKILL)
         os._exit(1)
+
+
+def _placement() -> dict:
+    """Where Ray put this worker: its node, whether that is the head, and the GPUs Ray gave it
+    (Ray also sets CUDA_VISIBLE_DEVICES to them, so `cuda` is the worker's own GPU)."""
+    import ray
+
+    if not ray.is_initialized():   # not inside a Ray worker (tests build EvalWorker directly)
+        return {"node": None, "head": True, "gpus": []}
+    try:
+        node = ray.get_runtime_context().get_node_id()
+        head = any(n.get("NodeID") == node and "node:__internal_head__" in n.get("Resources", {})
+                   for n in ray.nodes())
+        return {"node": node[:8], "head": head, "gpus": [str(g) for g in ray.get_gpu_ids()]}
+    except Exception:
+        return {"node": None, "head": True, "gpus": []}
 
 
 def _merged_tokenizer(plan, trust_remote_code: bool):
@@ -142,12 +184,7 @@ class RaySession:
         if ray.is_initialized():
             return
         if address:
-            try:
-                ray.init(address=address, log_to_driver=False, logging_level="ERROR",
-                         namespace="evomerge")
-            except Exception as e:
-                raise EvomergeError(f"--ray-address: cannot join the Ray cluster at '{address}': "
-                                    f"{_one_line(e)}") from None
+            _join_cluster(address)
         else:
             # Unix socket paths are limited to ~107 bytes and Ray nests ~80 under its folder:
             # use $TMPDIR only when it is short.
@@ -165,24 +202,42 @@ class RaySession:
         self.owned = True
 
     def check_resources(self, workers: int, cpus: float, gpus: float) -> None:
-        """Fail now, with the numbers, when the cluster cannot place every worker."""
+        """Fail now, with the numbers, when the cluster cannot place every worker: Ray itself
+        would wait forever for resources that no node has."""
         import ray
 
+        if gpus > 1 and gpus != int(gpus):
+            raise EvomergeError(f"--gpus-per-worker: {gpus:g} is neither a fraction of one GPU "
+                                f"nor a whole number of GPUs; use e.g. 0.5 (two workers per GPU) "
+                                f"or 2")
         total = ray.cluster_resources()
         need = {"CPU": workers * cpus, "GPU": workers * gpus}
         flags = {"CPU": "--cpus-per-worker", "GPU": "--gpus-per-worker"}
         for res, amount in need.items():
             have = total.get(res, 0.0)
             if amount > have + 1e-9:
+                fix = f"; lower --workers or {flags[res]}"
+                if res == "GPU" and have == 0:
+                    fix = (" (no node has a GPU); use --gpus-per-worker 0 (and --device cpu), or "
+                           "add GPU nodes (ray start ... --num-gpus N)")
                 raise EvomergeError(
                     f"--workers: {workers} worker(s) × {amount / workers:g} {res} need {amount:g} "
-                    f"{res} but the Ray cluster has {have:g}; lower --workers or {flags[res]}")
+                    f"{res} but the Ray cluster has {have:g}{fix}")
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         if gpus > 1:   # a multi-GPU worker has to fit on one node
-            per_node = max((n.get("Resources", {}).get("GPU", 0.0) for n in ray.nodes()
-                            if n.get("Alive")), default=0.0)
+            per_node = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
             if gpus > per_node:
                 raise EvomergeError(f"--gpus-per-worker: {gpus:g} GPUs per worker but no node has "
                                     f"more than {per_node:g}")
+        # Totals can suffice while the nodes cannot: a worker never spans two nodes, and a
+        # fractional GPU request must fit on one GPU (0.6 + 0.6 do not share a GPU).
+        places = [_workers_on_node(n, cpus, gpus) for n in nodes]
+        if sum(places) < workers:
+            per = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes)
+            raise EvomergeError(
+                f"--workers: only {sum(places)} of {workers} worker(s) with {cpus:g} CPU and "
+                f"{gpus:g} GPU each fit on the Ray cluster's nodes ({per}); lower --workers, "
+                f"--cpus-per-worker or --gpus-per-worker")
 
     def shutdown(self) -> None:
         import ray
@@ -193,6 +248,58 @@ class RaySession:
         if self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
+
+
+def _workers_on_node(resources: dict, cpus: float, gpus: float) -> int:
+    """How many workers one node can hold: fractional GPU requests share a GPU (two 0.5s per
+    GPU), whole ones take whole GPUs."""
+    import math
+
+    eps = 1e-6
+    fits = math.floor(resources.get("CPU", 0.0) / cpus + eps) if cpus > 0 else 10**9
+    have = resources.get("GPU", 0.0)
+    if 0 < gpus < 1:
+        fits = min(fits, math.floor(have + eps) * math.floor(1 / gpus + eps))
+    elif gpus >= 1:
+        fits = min(fits, math.floor(have / gpus + eps))
+    return fits
+
+
+AUTH_FIX = ("export RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN_PATH=FILE, "
+            "RAY_AUTH_TOKEN, or ~/.ray/auth_token) before running mergekit-evolve")
+
+
+def _join_cluster(address: str) -> None:
+    """ray.init(address=...) with Ray's C++ retry warnings (printed to fd 2 for ~20 s when the
+    cluster refuses us) kept out of the terminal and turned into one line naming the cause."""
+    import ray
+
+    with tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        error: Optional[BaseException] = None
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR",
+                     namespace="evomerge")
+        except Exception as e:
+            error = e
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        if error is None:
+            return
+        captured.seek(0)
+        text = captured.read().decode(errors="replace")
+    if "InvalidAuthToken" in text or "Unauthenticated" in text:
+        # Ray >= 2.59 turns token authentication on for `ray start --head` whenever a token
+        # exists (~/.ray/auth_token, written by any local ray.init()), but never for a client
+        # that names an address: both sides must set RAY_AUTH_MODE themselves.
+        raise EvomergeError(f"--ray-address: the Ray cluster at '{address}' rejected this "
+                            f"driver's authentication token; {AUTH_FIX}")
+    raise EvomergeError(f"--ray-address: cannot join the Ray cluster at '{address}': "
+                        f"{_one_line(error)}")
 
 
 def _probe(address: str, timeout: float = 3.0) -> None:
@@ -229,8 +336,11 @@ class WorkerPool:
         self.max_retries = max_retries
         self.log = log
         self.deaths = 0
+        # SPREAD: workers go to different nodes while there is room (more memory bandwidth per
+        # worker, and one lost node takes fewer of them); fractions of a GPU still share one.
         self._cls = ray.remote(EvalWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
-                                                    max_task_retries=0)
+                                                    max_task_retries=0,
+                                                    scheduling_strategy="SPREAD")
         self.actors = [self._cls.remote(spec) for _ in range(workers)]
         self._starting: dict = {}   # info() refs of replacement actors still starting
         t0 = time.perf_counter()
@@ -245,6 +355,7 @@ class WorkerPool:
                 raise EvomergeError(f"a worker failed to start: {info['error']}")
         self.startup_seconds = time.perf_counter() - t0
         self.worker_startup = [i["startup_seconds"] for i in infos]
+        self.placements = infos
 
     def run(self, jobs: list[tuple[Any, dict]],
             should_stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[Any, dict]]:
