@@ -81,3 +81,33 @@ def write_genome(path: Path, genome: dict, tasks=None, **extra) -> Path:
 @pytest.fixture
 def make_genome():
     return write_genome
+
+
+# --- Ray and W&B for in-process searches -------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray for one test module, in a short folder of its own (Unix socket paths are
+    limited to ~107 bytes), shut down and removed afterwards."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="evo-test-ray-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
+             namespace="evomerge-tests")
+    yield
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B offline, with its config, cache and data under the test's folder and no credentials,
+    sweep or run identity inherited from the environment."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
+    for var in ("WANDB_API_KEY", "WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_PROJECT",
+                "WANDB_ENTITY", "WANDB_DIR"):
+        monkeypatch.delenv(var, raising=False)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -229,28 +227,6 @@ def test_sweep_definition_names_only_mergekit_evolve_options(
 
 
 # --- real offline runs --------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    tmp = tempfile.mkdtemp(prefix="evo-track-ray-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
-             namespace="evomerge-tracking-tests")
-    yield
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-@pytest.fixture
-def offline_wandb(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
-    for var in ("WANDB_API_KEY", "WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_PROJECT",
-                "WANDB_ENTITY", "WANDB_DIR"):
-        monkeypatch.delenv(var, raising=False)
-
-
 def offline_run(storage: Path) -> Path:
     runs = list((storage / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
