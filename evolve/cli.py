@@ -223,6 +223,13 @@ def _run(opts: Options) -> int:
         check_resources(cfg.vllm or VllmSettings(), device, gpus)
     elif cfg.vllm is not None and not opts.quiet:
         click.echo("note: the genome's vllm: section applies to --backend vllm only", err=True)
+    if device.startswith("cuda") and not opts.ray_address:
+        import torch
+
+        if not torch.cuda.is_available():   # a local run: the workers are on this machine
+            raise EvomergeError(f"--device: {device} requested but this machine has no CUDA GPU "
+                                f"that torch can use; drop --device (CPU), or use --ray-address "
+                                f"to run the workers on GPU nodes")
     return Run(opts, cfg, space, config0, seed, device, gpus).execute()
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from evolve.cli import main
 
@@ -144,7 +145,10 @@ def test_bad_inputs_fail_in_one_line_before_any_worker_starts(
         "layer_counts": "genome.models: the models have different layer counts",
         "unreachable_ray": "--ray-address: nothing answers at 127.0.0.1:1",
         "vllm": "--backend vllm: vLLM is not installed",
-        "too_many_gpus": "--workers: 2 worker(s) × 1 GPU need 2 GPU but the Ray cluster has 0",
+        # without CUDA the local run stops at --device; with one GPU, at Ray's resources
+        "too_many_gpus": ("--workers: 2 worker(s) × 1 GPU need 2 GPU but the Ray cluster has"
+                          if torch.cuda.is_available() else
+                          "--device: cuda requested but this machine has no CUDA GPU"),
         "different_genome": "--resume: ",
         "unknown_metric": "tasks[0].metric: 'evo_toy' reports acc,none, acc_norm,none",
         "missing_storage": "--storage-path: required",
