@@ -48,6 +48,7 @@ class Options:
     quiet: bool = False
     limit: Optional[float] = None              # overrides the genome file's `limit`
     layer_granularity: Optional[int] = None    # overrides `genome.layer_granularity`
+    cache_magnitudes: bool = False
 
 
 def _parse_duration(ctx, param, value):
@@ -128,6 +129,9 @@ def _parse_batch_size(ctx, param, value):
               help="Check the genome, print its dimensions and the starting config, and exit.")
 @click.option("--merge-best/--no-merge-best", default=True, show_default=True,
               help="Write the best candidate as a model to STORAGE/best_model at the end.")
+@click.option("--cache-magnitudes", is_flag=True,
+              help="Keep each task vector's magnitudes sorted in the workers (2 bytes per "
+                   "parameter per input model): TIES/breadcrumbs thresholds become lookups.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from model folders.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def cli(**kwargs):
@@ -411,7 +415,7 @@ class Run:
             spec = WorkerSpec(initial_config=self.config0, eval=self.settings, device=self.device,
                               merge_seed=self.seed, trust_remote_code=opts.trust_remote_code,
                               threads=threads, die_marker=os.environ.get(DIE_ONCE_ENV),
-                              backend=opts.backend,
+                              backend=opts.backend, cache_magnitudes=opts.cache_magnitudes,
                               vllm=self.cfg.vllm.model_dump() if self.cfg.vllm else None)
             self.log(f"{'resuming' if resuming else 'starting'}: {self.space.dim} genes, popsize "
                      f"{meta['search']['popsize']}, {len(search.history)}/{opts.max_fevals} "

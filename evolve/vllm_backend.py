@@ -223,7 +223,8 @@ class VllmBackend:
         settings = VllmSettings.model_validate(spec.vllm or {})
         options = MergeOptions(device=settings.merge_device or spec.device,
                                random_seed=spec.merge_seed, quiet=True,
-                               trust_remote_code=spec.trust_remote_code, write_model_card=False)
+                               trust_remote_code=spec.trust_remote_code, write_model_card=False,
+                               cache_magnitudes=spec.cache_magnitudes)
         merger = InMemoryMerger(options)
         config = MergeConfig.from_dict(spec.initial_config)
         folder = Path(tempfile.mkdtemp(prefix="evomerge-vllm-"))

@@ -41,6 +41,7 @@ class WorkerSpec:
     threads: Optional[int] = None
     die_marker: Optional[str] = None
     backend: str = "hf"             # hf | vllm
+    cache_magnitudes: bool = False  # keep task-vector magnitude orders (MergeOptions)
     vllm: Optional[dict] = None     # the genome's `vllm:` section (vllm_backend.VllmSettings)
 
 
@@ -78,7 +79,8 @@ class EvalWorker:
             return
         self.merger = InMemoryMerger(MergeOptions(device=spec.device, random_seed=spec.merge_seed,
                                                   quiet=True,
-                                                  trust_remote_code=spec.trust_remote_code))
+                                                  trust_remote_code=spec.trust_remote_code,
+                                                  cache_magnitudes=spec.cache_magnitudes))
         config = MergeConfig.from_dict(spec.initial_config)
         self.model = self.merger.build_model(config)
         tokenizer = _merged_tokenizer(self.merger.plan(config), spec.trust_remote_code)

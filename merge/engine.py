@@ -35,6 +35,9 @@ class MergeOptions:
     allow_crimes: bool = False
     clone_tensors: bool = False
     truncate_vocab: bool = False
+    # In-memory merges only: keep each task vector's magnitudes in sorted order (2 bytes per
+    # parameter per model) so TIES/breadcrumbs thresholds are lookups (merge/methods/magnitude_order.py)
+    cache_magnitudes: bool = False
 
 
 def validate(config: MergeConfig, options: Optional[MergeOptions] = None,
@@ -85,11 +88,12 @@ def _torch_dtype(code_or_name: Optional[str]):
 
 
 def merge_tensor(plan: Plan, tp: TensorPlan, reader: TensorReader, seed: Optional[int],
-                 out=None):
+                 out=None, orders: Optional[dict] = None):
     """One output tensor: read its inputs, cast to the compute dtype, run the kernel.
 
     `out` (optional) is a destination the kernel may write into directly; the result is returned
-    either way (it is `out` itself when the kernel used it)."""
+    either way (it is `out` itself when the kernel used it). `orders` (optional) keeps the sorted
+    magnitudes of task vectors between merges (see MergeOptions.cache_magnitudes)."""
     from merge.methods import MergeInputs
 
     compute = _torch_dtype(plan.compute_dtype)
@@ -106,10 +110,23 @@ def merge_tensor(plan: Plan, tp: TensorPlan, reader: TensorReader, seed: Optiona
     inputs = MergeInputs(name=tp.name, tensors=[load(i) for i in tp.inputs],
                          base=load(tp.base) if tp.base else None, model_params=tp.model_params,
                          params=tp.params, seed=seed, out_dtype=out_dtype, out=out)
+    if orders is not None and tp.base is not None:
+        inputs.orders = lambda i: _magnitude_order(orders, tp, i, inputs)
     out = plan.method.kernel(inputs)
     if out.dtype != out_dtype:
         out = out.to(out_dtype)
     return out
+
+
+def _magnitude_order(cache: dict, tp: TensorPlan, i: int, inputs):
+    from merge.methods.magnitude_order import MagnitudeOrder
+
+    x, base = tp.inputs[i], tp.base
+    key = (x.model, x.tensor, base.model, base.tensor, str(inputs.tensors[i].dtype))
+    order = cache.get(key)
+    if order is None:
+        order = cache[key] = MagnitudeOrder(inputs.tensors[i], inputs.base)
+    return order
 
 
 def _merge_vocab_tensor(plan: Plan, tp: TensorPlan, load, seed, out_dtype):
@@ -155,7 +172,8 @@ def _merge_vocab_tensor(plan: Plan, tp: TensorPlan, load, seed, out_dtype):
 
 def execute(plan: Plan, sink: Callable[[str, object], None], reader: TensorReader,
             options: MergeOptions, progress: bool = True,
-            destination: Optional[Callable[[str], object]] = None) -> None:
+            destination: Optional[Callable[[str], object]] = None,
+            orders: Optional[dict] = None) -> None:
     """Merge every tensor of the plan and hand it to `sink(name, tensor)`. `destination(name)`,
     when given, names a tensor the kernel may write the result into (see merge_tensor)."""
     import torch
@@ -177,7 +195,7 @@ def execute(plan: Plan, sink: Callable[[str, object], None], reader: TensorReade
             for tp in plan.tensors:
                 bar.set_postfix_str(tp.name[-40:], refresh=False)
                 out = destination(tp.name) if destination is not None else None
-                sink(tp.name, merge_tensor(plan, tp, reader, options.random_seed, out))
+                sink(tp.name, merge_tensor(plan, tp, reader, options.random_seed, out, orders))
                 bar.update(tp.nbytes)
     finally:
         bar.close()
@@ -240,6 +258,12 @@ class InMemoryMerger:
         self.options = options or MergeOptions(quiet=True)
         self.cache = SourceCache()
         self._reader: Optional[TensorReader] = None
+        self._orders: Optional[dict] = {} if self.options.cache_magnitudes else None
+
+    @property
+    def magnitude_cache_bytes(self) -> int:
+        """Memory held by kept magnitude orders (MergeOptions.cache_magnitudes)."""
+        return sum(o.nbytes for o in (self._orders or {}).values())
 
     def plan(self, config: MergeConfig) -> Plan:
         plan = validate(config, self.options, self.cache)
@@ -258,7 +282,7 @@ class InMemoryMerger:
         (a tied model has no separate head tensor). The sink may keep or send it; nothing else
         holds it."""
         plan = self.plan(config)   # first: it opens the reader on the first call
-        execute(plan, sink, self._reader, self.options, progress=False)
+        execute(plan, sink, self._reader, self.options, progress=False, orders=self._orders)
 
     def merge_into(self, config: MergeConfig, model) -> None:
         import torch
@@ -282,7 +306,7 @@ class InMemoryMerger:
                     target.copy_(tensor)
 
         execute(plan, copy_in, self._reader, self.options, progress=False,
-                destination=live.get)
+                destination=live.get, orders=self._orders)
 
     def build_model(self, config: MergeConfig):
         import torch

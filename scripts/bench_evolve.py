@@ -17,7 +17,10 @@ The in-memory result is compared bit for bit with the to-disk output of the same
 (the load average is recorded). Results are printed and written to .cache/bench_evolve.json.
 
 Usage:
-    python scripts/bench_evolve.py [--methods linear,ties] [--candidates 3] [--family DIR]
+    python scripts/bench_evolve.py [--methods linear,ties,ties+cache] [--candidates 3] [--family DIR]
+
+A `+cache` suffix keeps the task vectors' magnitude orders in the merger (2 bytes per parameter per
+model; `mergekit-evolve --cache-magnitudes`): TIES thresholds become lookups.
 """
 from __future__ import annotations
 
@@ -87,20 +90,25 @@ def same_as_disk(model, out: Path) -> bool:
     return True
 
 
-def bench_method(method: str, dirs: dict, candidates: int, seed: int) -> dict:
+def bench_method(label: str, dirs: dict, candidates: int, seed: int) -> dict:
+    """`label` is a method name, optionally with `+cache`: the in-memory merger then keeps the
+    task vectors' magnitude orders (MergeOptions.cache_magnitudes, mergekit-evolve
+    --cache-magnitudes)."""
     import torch
 
     from merge.config import MergeConfig
     from merge.engine import InMemoryMerger, MergeOptions
 
+    method, _, flag = label.partition("+")
+    cache = flag == "cache"
     space = genome_space(method, dirs)
     rng = random.Random(seed)
     points = [[rng.uniform(lo, hi) for lo, hi in zip(space.lower, space.upper)]
               for _ in range(candidates)]
     configs = [space.decode(x) for x in points]
-    log(f"{method}: {space.dim} genes, {candidates} candidates")
+    log(f"{label}: {space.dim} genes, {candidates} candidates")
 
-    merger = InMemoryMerger(MergeOptions(random_seed=seed, quiet=True))
+    merger = InMemoryMerger(MergeOptions(random_seed=seed, quiet=True, cache_magnitudes=cache))
     t0 = time.perf_counter()
     model = merger.build_model(MergeConfig.from_dict(space.decode(space.initial_vector())))
     startup = time.perf_counter() - t0
@@ -111,7 +119,7 @@ def bench_method(method: str, dirs: dict, candidates: int, seed: int) -> dict:
         merger.merge_into(MergeConfig.from_dict(cfg), model)
         per_candidate.append(time.perf_counter() - t0)
         log(f"  in memory, candidate {k}: {per_candidate[-1]:.2f} s")
-    disk = to_disk(configs[-1], method, seed)
+    disk = to_disk(configs[-1], label, seed)
     log(f"  to disk (mergekit-yaml): {disk['mergekit_yaml_s']:.2f} s, then loading it back "
         f"{disk['load_s']:.2f} s")
     identical = same_as_disk(model, disk["out"])
@@ -122,14 +130,17 @@ def bench_method(method: str, dirs: dict, candidates: int, seed: int) -> dict:
               "load_back_s": disk["load_s"], "bit_identical": identical,
               "ratio": in_mem / disk["mergekit_yaml_s"],
               "meets_target": in_mem < disk["mergekit_yaml_s"] / 3,
-              "torch_threads": torch.get_num_threads()}
+              "torch_threads": torch.get_num_threads(),
+              "magnitude_cache_gb": merger.magnitude_cache_bytes / 1e9}
+    if cache:
+        log(f"  kept magnitude orders: {result['magnitude_cache_gb']:.2f} GB")
     del model, merger
     return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", default="linear,ties")
+    ap.add_argument("--methods", default="linear,ties,ties+cache")
     ap.add_argument("--candidates", type=int, default=3)
     ap.add_argument("--family", type=Path, default=None,
                     help="bench family folder (default: scripts/bench_family.py's cache)")
@@ -148,10 +159,10 @@ def main() -> None:
                                                                bench_family.DEFAULT_DIR),
               "methods": results}
     (REPO_ROOT / ".cache" / "bench_evolve.json").write_text(json.dumps(report, indent=2) + "\n")
-    log("\nmethod    in-memory/candidate  mergekit-yaml  (+load back)  ratio   target<1/3  "
+    log("\nmethod       in-memory/candidate  mergekit-yaml  (+load back)  ratio   target<1/3  "
         "identical")
     for m, r in results.items():
-        log(f"{m:<9} {r['in_memory_best_s']:>10.2f} s        {r['mergekit_yaml_s']:>7.2f} s    "
+        log(f"{m:<12} {r['in_memory_best_s']:>10.2f} s        {r['mergekit_yaml_s']:>7.2f} s    "
             f"{r['load_back_s']:>6.2f} s      {r['ratio']:.2f}    "
             f"{'yes' if r['meets_target'] else 'NO':<10}  {r['bit_identical']}")
     log(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "

@@ -19,6 +19,10 @@ GENOMES = {
     "linear-whole": dict(merge_method="linear", base_model=None),
     "task_arithmetic-negative": dict(merge_method="task_arithmetic", allow_negative_weights=True,
                                      layer_granularity=2),
+    # thresholds looked up in kept magnitude orders (MergeOptions.cache_magnitudes)
+    "ties-cached": dict(merge_method="ties", layer_granularity=2, cache=True),
+    "breadcrumbs_ties-cached": dict(merge_method="breadcrumbs_ties", layer_granularity=1,
+                                    cache=True),
 }
 
 
@@ -26,12 +30,13 @@ GENOMES = {
 def test_in_memory_candidates_equal_mergekit_yaml(family, tmp_path, name):
     genome = {"models": [str(family["c0"]), str(family["c1"]), str(family["c2"])],
               "base_model": str(family["base"]), **GENOMES[name]}
+    cache = genome.pop("cache", False)
     genome = {k: v for k, v in genome.items() if v is not None}
     space = GenomeSpace.build(parse_evolve_config({"genome": genome,
                                                    "tasks": [{"name": "t"}]}).genome)
     rng = random.Random(1)
     options = MergeOptions(random_seed=7, quiet=True)
-    merger = InMemoryMerger(options)
+    merger = InMemoryMerger(MergeOptions(random_seed=7, quiet=True, cache_magnitudes=cache))
     model = merger.build_model(MergeConfig.from_dict(space.decode(space.initial_vector())))
     for k in range(3):  # several candidates through one live model, as a worker does
         x = [rng.uniform(lo, hi) for lo, hi in zip(space.lower, space.upper)]

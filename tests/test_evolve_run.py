@@ -130,6 +130,25 @@ def test_worker_killed_mid_evaluation_gets_its_candidate_retried(
     assert len({(r["generation"], r["index"]) for r in history}) == 4
 
 
+def test_cache_magnitudes_changes_speed_not_results(
+        ray_session, family, toy_task_dir, tmp_path, make_genome, capsys):
+    """`--cache-magnitudes`: workers look TIES thresholds up in kept magnitude orders; the search
+    sees exactly the same candidates and scores as without."""
+    path = make_genome(tmp_path / "g.yaml", genome(family, merge_method="ties"), limit=16)
+    runs = []
+    for flag in ([], ["--cache-magnitudes"]):
+        storage = tmp_path / f"run{len(runs)}"
+        code, out, err = run_cli([path, "--storage-path", storage, "--task-search-path",
+                                  toy_task_dir, "--workers", 1, "--popsize", 2, "--max-fevals", 4,
+                                  "--seed", 5, "--no-wandb", "--no-merge-best", "-q", *flag],
+                                 capsys)
+        assert code == 0, err
+        history = [json.loads(line) for line in (storage / "history.jsonl").read_text().splitlines()]
+        runs.append([(r["genome"], r["scores"], r["error"]) for r in history])
+    assert len(runs[0]) == 4 and all(err is None for _, _, err in runs[0])
+    assert runs[0] == runs[1]
+
+
 @pytest.mark.parametrize("case", ["unknown_task", "no_evolvable_parameter", "granularity",
                                   "layer_counts", "unreachable_ray", "vllm", "too_many_gpus",
                                   "different_genome", "unknown_metric", "missing_storage"])

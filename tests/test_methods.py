@@ -167,6 +167,39 @@ def test_ties_keeps_exactly_density_and_rescale_preserves_l1():
     assert kept.abs().sum() == pytest.approx(float(tau.double().abs().sum()), rel=1e-4)
 
 
+def test_kept_magnitude_order_gives_the_streamed_thresholds_exactly():
+    """MagnitudeOrder (in-memory merges) answers every k-th largest |τ| like the streamed search,
+    with many equal magnitudes, zeros, and the extreme ranks."""
+    from merge.methods.magnitude_order import MagnitudeOrder
+    from merge.methods.sparsify import magnitude_thresholds
+
+    base, xs = rand_family(BIG, n=2)
+    xs[1] = base + (xs[1] - base).round(decimals=2)      # many ties, and exact zeros
+    for x in xs:
+        inp = inputs("ties", [x], base)
+        n = base.numel()
+        ks = [1, 2, n // 3, n // 2, n - 1, n]
+        order = MagnitudeOrder(x, base)
+        assert [order.kth_largest(k) for k in ks] == magnitude_thresholds(inp, 0, ks)
+    with pytest.raises(ValueError):
+        order.kth_largest(0)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "breadcrumbs"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merges_with_kept_magnitude_orders_are_bit_identical(method, dtype):
+    from merge.methods.magnitude_order import MagnitudeOrder
+
+    base, xs = rand_family(BIG, dtype=dtype)
+    mp = [{"weight": w, "density": d} for w, d in zip([0.6, 0.9, 0.4], [0.5, 0.0, 0.8])]
+    plain = inputs(method, xs, base, mp, {"lambda": 0.9}, out_dtype=dtype)
+    built = []
+    cached = inputs(method, xs, base, mp, {"lambda": 0.9}, out_dtype=dtype)
+    cached.orders = lambda i: built.append(i) or MagnitudeOrder(xs[i], base)
+    assert torch.equal(METHODS[method].kernel(cached), METHODS[method].kernel(plain))
+    assert built      # the kept orders were used
+
+
 # --- breadcrumbs ------------------------------------------------------------------------------------
 
 def band_mask(tau, density, gamma):

@@ -44,6 +44,14 @@ class MergeInputs:
     out_dtype: Any = None               # dtype the result is stored in (kernels may write it directly)
     out: Any = None                     # optional destination (a live model's parameter): kernels
                                         # that make a fresh output write into it instead
+    orders: Any = None                  # optional i -> MagnitudeOrder of |τᵢ| (or None): exact
+                                        # magnitude thresholds without a pass (in-memory merges)
+
+    def magnitude_order(self, i: int):
+        """The cached order of |τᵢ| = |tensors[i] − base|, when the caller keeps one."""
+        if self.orders is None or self.base is None:
+            return None
+        return self.orders(i)
 
     def output(self, like):
         """Where a kernel writes its result: `out` when it fits, else a new tensor like `like`.

@@ -74,7 +74,11 @@ def abs_delta_sample(inp: MergeInputs, i: int):
 
 
 def magnitude_thresholds(inp: MergeInputs, i: int, ks: list[int]) -> list[float]:
-    """Exact k-th largest |τᵢ| for each k, streaming (no full-size buffer)."""
+    """Exact k-th largest |τᵢ| for each k: looked up in a kept order (in-memory merges with
+    `cache_magnitudes`), else streaming (no full-size buffer)."""
+    order = inp.magnitude_order(i)
+    if order is not None:
+        return [order.kth_largest(k) for k in ks]
     spans = list(row_spans(inp.base.shape))
     return kth_largest_many(abs_delta_of(inp, i), spans, inp.base.numel(), ks,
                             abs_delta_sample(inp, i), inp.base.device)
