@@ -17,9 +17,15 @@ def flat(t):
     return t.reshape(-1)
 
 
-def output_like(t, dtype):
+def output_like(t, dtype, out=None):
+    """Where a kernel writes a result shaped like `t` in `dtype`: `out` when it fits (same shape,
+    dtype and device, contiguous) — a live destination such as an evaluation model's parameter,
+    which kernels write but never read — else a new tensor."""
     import torch
 
+    if (out is not None and tuple(out.shape) == tuple(t.shape) and out.dtype == dtype
+            and out.device == t.device and out.is_contiguous()):
+        return out
     return torch.empty(t.shape, dtype=dtype or torch.float32, device=t.device)
 
 

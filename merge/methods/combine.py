@@ -50,9 +50,7 @@ def combine(xs: Sequence, coeffs: Sequence[float], base=None, out_dtype=None, ou
     and small task vectors keep their precision.
     """
     ref = base if base is not None else xs[0]
-    if (out is None or tuple(out.shape) != tuple(ref.shape) or out.dtype != out_dtype
-            or out.device != ref.device or not out.is_contiguous()):
-        out = output_like(ref, out_dtype)     # `out`, when it fits, is a live destination
+    out = output_like(ref, out_dtype, out)
     out_flat = flat(out)
     coeffs = [float(c) for c in coeffs]
 

@@ -62,11 +62,7 @@ class MergeInputs:
         """
         from merge.methods.chunks import output_like
 
-        out = self.out
-        if (out is not None and tuple(out.shape) == tuple(like.shape) and out.dtype == self.out_dtype
-                and out.device == like.device and out.is_contiguous()):
-            return out
-        return output_like(like, self.out_dtype)
+        return output_like(like, self.out_dtype, self.out)
 
     def per_model(self, key: str) -> list[Any]:
         return [p[key] for p in self.model_params]
