@@ -88,15 +88,16 @@ def resolve_overrides(given: dict[str, Any], storage_path: Optional[str],
     A resume that asks for another value than the run was started with is refused: the results
     so far were measured with the old value, so they would not be comparable.
     """
-    given = {k: v for k, v in given.items() if v is not None}
-    if not (resume and storage_path and (Path(storage_path) / "run.json").is_file()):
-        return given
-    import json
+    from evolve.storage import RunStore
 
+    given = {k: v for k, v in given.items() if v is not None}
+    store = RunStore(storage_path) if storage_path else None
+    if not (resume and store and store.run_json.is_file()):
+        return given
     try:
-        meta = json.loads((Path(storage_path) / "run.json").read_text())
-    except (OSError, ValueError):
-        return given     # RunStore reports an unreadable run.json
+        meta = store.read_run()
+    except EvomergeError:
+        return given     # reported by the run itself, in its own words
     identity = (meta.get("identity") or {}).get("evolve") or {}
     for name, value in given.items():
         before = _stored_value(identity, name)
