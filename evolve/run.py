@@ -1,0 +1,348 @@
+"""One search run: the storage folder, the workers, the CMA-ES loop and the outputs.
+
+`Run` is the search itself; evolve.cli only parses options into `Options`, checks what can be
+checked before any worker starts, and hands over.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from merge.errors import EvomergeError
+
+WANDB_PROJECT = "mergekit-evolve"
+
+@dataclass
+class Options:
+    genome: str
+    storage_path: Optional[str] = None
+    max_fevals: int = 100
+    popsize: Optional[int] = None
+    sigma0: Optional[float] = None
+    seed: Optional[int] = None
+    workers: int = 1
+    gpus_per_worker: Optional[float] = None
+    cpus_per_worker: float = 1.0
+    ray_address: Optional[str] = None
+    backend: str = "hf"
+    device: Optional[str] = None
+    batch_size: str = "16"
+    task_search_path: list[str] = field(default_factory=list)
+    wandb: bool = True
+    wandb_project: str = WANDB_PROJECT
+    wandb_entity: Optional[str] = None
+    resume: bool = False
+    timeout: Optional[float] = None
+    dry_run: bool = False
+    merge_best: bool = True
+    trust_remote_code: bool = False
+    quiet: bool = False
+    limit: Optional[float] = None              # overrides the genome file's `limit`
+    layer_granularity: Optional[int] = None    # overrides `genome.layer_granularity`
+    cache_magnitudes: bool = False
+
+
+class Run:
+    """One invocation: checks, workers, the search loop, and the outputs."""
+
+    def __init__(self, opts: Options, cfg, space, config0: dict, seed: int, device: str,
+                 gpus: float):
+        self.opts, self.cfg, self.space, self.config0 = opts, cfg, space, config0
+        self.seed, self.device, self.gpus = seed, device, gpus
+        self.bar = None
+
+    def log(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        elif not self.opts.quiet:
+            click.echo(message, err=True)
+
+    def execute(self) -> int:
+        from evolve.storage import RunStore
+
+        opts = self.opts
+        store = self.store = RunStore(opts.storage_path)
+        identity = {"evolve": self.cfg.model_dump(mode="json", exclude={"vllm"})}
+        created = not store.root.exists()
+        resuming = store.prepare(identity, opts.resume)
+        if opts.resume and not resuming:
+            self.log(f"nothing to resume in {store.root}; starting a new run")
+        store.root.mkdir(parents=True, exist_ok=True)
+        lock = _lock(store.root)
+        try:
+            self.meta = self._meta(identity, resuming)
+            if opts.ray_address:   # cheap and common: check it before the slower task loading
+                from evolve.workers import _probe
+
+                _probe(opts.ray_address)
+            self.settings = self._tasks()
+            return self._search(resuming)
+        except BaseException:
+            if not store.run_json.exists():   # failed before the run began: leave no trace
+                import shutil
+
+                if created:
+                    shutil.rmtree(store.root, ignore_errors=True)
+                else:
+                    shutil.rmtree(store.tasks_dir, ignore_errors=True)
+                    (store.root / ".lock").unlink(missing_ok=True)
+            raise
+        finally:
+            lock.close()
+
+    # --- checks --------------------------------------------------------------------------------
+    def _meta(self, identity: dict, resuming: bool) -> dict:
+        from evolve.search import default_popsize
+        from evolve.sweep import OVERRIDES, sweep_agent
+
+        opts = self.opts
+        if resuming:
+            meta = self.store.read_run()
+            for name in ("popsize", "sigma0", "seed"):
+                given = getattr(opts, name)
+                if given is not None and given != meta["search"][name]:
+                    self.log(f"note: --{name} {given} ignored; the resumed run uses "
+                             f"{meta['search'][name]}")
+            self.seed = meta["search"]["seed"]
+            return meta
+        return {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "genome_file": str(Path(opts.genome).resolve()),
+            "identity": identity,
+            "search": {"popsize": opts.popsize or default_popsize(self.space.dim, opts.workers),
+                       "sigma0": opts.sigma0 or 0.25, "seed": self.seed, "dim": self.space.dim},
+            # command-line overrides of the genome file, reapplied by --resume
+            "overrides": {name: getattr(opts, name) for name in OVERRIDES
+                          if getattr(opts, name) is not None},
+            # under a W&B sweep agent the run is the agent's (evolve.tracking.init_kwargs)
+            "wandb_id": (sweep_agent() or (None, uuid.uuid4().hex[:12]))[1],
+        }
+
+    def _tasks(self):
+        from evolve import tasks as task_lib
+        from evolve.fitness import EvalSettings
+
+        cfg, opts = self.cfg, self.opts
+        names = [t.name for t in cfg.tasks]
+        paths = task_lib.default_search_paths() + [Path(p) for p in opts.task_search_path]
+        include = task_lib.mirror_search_paths(paths, self.store.tasks_dir) if paths else None
+        tm = task_lib.task_manager(include, names)
+        task_lib.check_task_names(tm, names)
+        # Loading here also prepares the datasets once, so the workers find them cached.
+        loaded = task_lib.load_tasks(tm, names, cfg.num_fewshot, self.seed)
+        task_lib.check_metrics(loaded, cfg.tasks)
+        batch = opts.batch_size if opts.batch_size.startswith("auto") else int(opts.batch_size)
+        return EvalSettings(task_names=names, metrics={t.name: t.metric for t in cfg.tasks},
+                            include_dir=str(include) if include else None, limit=cfg.limit,
+                            num_fewshot=cfg.num_fewshot, shuffle=cfg.shuffle, seed=self.seed,
+                            batch_size=batch, device=self.device,
+                            apply_chat_template=cfg.apply_chat_template,
+                            fewshot_as_multiturn=cfg.fewshot_as_multiturn)
+
+    # --- the search ------------------------------------------------------------------------------
+    def _search(self, resuming: bool) -> int:
+        from evolve.fitness import weighted_fitness
+        from evolve.search import Search
+        from evolve.workers import DIE_ONCE_ENV, RaySession, WorkerPool, WorkerSpec
+
+        opts, store, meta = self.opts, self.store, self.meta
+        local_cpus = os.cpu_count() or 1
+        num_gpus = 0
+        if self.gpus and not opts.ray_address:
+            import torch
+
+            num_gpus = torch.cuda.device_count()
+        t0 = time.perf_counter()
+        wanted_cpus = int(opts.workers * opts.cpus_per_worker + 0.999)
+        session = RaySession(opts.ray_address, num_cpus=max(local_cpus, wanted_cpus),
+                             num_gpus=num_gpus)
+        pool = tracker = search = None
+        try:
+            session.check_resources(opts.workers, opts.cpus_per_worker, self.gpus)
+            ray_seconds = time.perf_counter() - t0
+            store.write_run(meta)
+            weights = {t.name: t.weight for t in self.cfg.tasks}
+            search = Search(self.space, store, _search_options(meta, opts, self.cfg),
+                            fitness=lambda scores: weighted_fitness(scores, weights),
+                            log=self.log)
+            threads = (max(1, local_cpus // opts.workers) if not opts.ray_address
+                       else max(1, int(opts.cpus_per_worker)))
+            spec = WorkerSpec(initial_config=self.config0, eval=self.settings, device=self.device,
+                              merge_seed=self.seed, trust_remote_code=opts.trust_remote_code,
+                              threads=threads, die_marker=os.environ.get(DIE_ONCE_ENV),
+                              backend=opts.backend, cache_magnitudes=opts.cache_magnitudes,
+                              vllm=self.cfg.vllm.model_dump() if self.cfg.vllm else None)
+            self.log(f"{'resuming' if resuming else 'starting'}: {self.space.dim} genes, popsize "
+                     f"{meta['search']['popsize']}, {len(search.history)}/{opts.max_fevals} "
+                     f"evaluations done; Ray ready in {ray_seconds:.1f}s, starting "
+                     f"{opts.workers} worker(s)")
+            for note in self.space.notes:
+                self.log(f"note: {note}")
+            t1 = time.perf_counter()
+            pool = WorkerPool(spec, opts.workers, cpus=opts.cpus_per_worker, gpus=self.gpus,
+                              log=self.log)
+            self.log(f"workers ready in {time.perf_counter() - t1:.1f}s (model + tasks built in "
+                     f"{max(pool.worker_startup):.1f}s per worker); "
+                     f"{_describe_placement(pool.placements)}")
+            if opts.wandb:
+                from evolve.tracking import Tracker, gene_names
+
+                tracker = Tracker(store.root, opts.wandb_project, opts.wandb_entity,
+                                  meta["wandb_id"], config=_wandb_config(meta, opts),
+                                  resume=resuming, genes=gene_names(self.space),
+                                  tasks=[t.name for t in self.cfg.tasks])
+            outcome = self._loop(search, pool, tracker)
+        except KeyboardInterrupt:
+            self._close_bar()
+            self.log("interrupted; continue with --resume")
+            self._finish_outputs(search, "interrupted", merge=False)
+            return 130
+        finally:
+            self._close_bar()
+            if pool is not None:
+                pool.shutdown()
+            session.shutdown()
+        return self._finalize(search, outcome, tracker)
+
+    def _loop(self, search, pool, tracker):
+        from tqdm import tqdm
+
+        opts = self.opts
+        self.bar = tqdm(total=opts.max_fevals, initial=len(search.history), unit="eval",
+                        desc="evolve", disable=opts.quiet, dynamic_ncols=True, file=sys.stderr)
+        best = search.best()
+        if best:
+            self.bar.set_postfix(best=f"{best['fitness']:.4g}")
+        state = {"best": best["fitness"] if best else None, "last_report": 0.0}
+
+        def on_record(record):
+            self.bar.update(1)
+            if record.get("error"):
+                self.log(f"candidate {record['generation']}.{record['index']} failed: "
+                         f"{record['error']}")
+                return
+            if state["best"] is None or record["fitness"] > state["best"]:
+                state["best"] = record["fitness"]
+                from evolve.report import write_best_config
+
+                write_best_config(self.store, record, self.seed)
+            self.bar.set_postfix(gen=record["generation"], best=f"{state['best']:.4g}")
+
+        def on_generation(stats):
+            if tracker is not None:
+                g = stats["generation"]
+                tracker.log_generation(stats, [r for r in search.history if r["generation"] == g],
+                                       search.best(), self.store.best_config)
+            # Re-draw the report now and then, so a long run can be watched.
+            if time.monotonic() - state["last_report"] > 60:
+                self._write_report(search, "running")
+                state["last_report"] = time.monotonic()
+
+        return search.run(pool.run, on_record, on_generation)
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _write_report(self, search, outcome: str) -> None:
+        from evolve.report import write_report
+
+        try:
+            write_report(self.store, self.space, search.history, search.stats, outcome)
+        except Exception as e:  # a plotting problem must not end a search
+            self.log(f"warning: could not draw the report: {type(e).__name__}: {e}")
+
+    def _finish_outputs(self, search, outcome: str, merge: bool) -> None:
+        from evolve.report import merge_best, write_best_config
+
+        if search is None:
+            return
+        best = search.best()
+        if best is not None:
+            write_best_config(self.store, best, self.seed)
+        self._write_report(search, outcome)
+        if best is not None and merge:
+            device = self.device
+            if device.startswith("cuda"):
+                import torch
+
+                if not torch.cuda.is_available():   # the driver of a GPU cluster may have none
+                    device = "cpu"
+            self.log(f"merging the best candidate into {self.store.best_model} ({device})")
+            merge_best(self.store, best, device, self.seed, self.opts.trust_remote_code)
+
+    def _finalize(self, search, outcome, tracker) -> int:
+        best = outcome.best
+        self._finish_outputs(search, outcome.reason, merge=self.opts.merge_best)
+        if tracker is not None:
+            tracker.finish(search.history, self.store.best_config if best else None,
+                           outcome.reason, best=best, report_png=self.store.report_png)
+        store = self.store
+        if best is None:
+            click.echo(f"stopped ({outcome.reason}) after {outcome.fevals} evaluations; no "
+                       f"candidate succeeded yet — see {store.history}")
+            return 1
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in best["scores"].items())
+        click.echo(f"stopped ({outcome.reason}) after {outcome.fevals} evaluations, "
+                   f"{outcome.generations} generation(s)\n"
+                   f"best fitness {best['fitness']:.6g} ({scores}) at generation "
+                   f"{best['generation']}, candidate {best['index']}\n"
+                   f"  config: {store.best_config}\n  report: {store.report_html}"
+                   + (f"\n  model:  {store.best_model}" if self.opts.merge_best else ""))
+        return 0
+
+
+def _describe_placement(placements: list[dict]) -> str:
+    """`placed on 2 node(s): 1a2b3c4d ×2 (GPU 0, 0), 5e6f7a8b ×1 (GPU 1)`."""
+    nodes: dict = {}
+    for p in placements:
+        nodes.setdefault(p.get("node") or "local", []).append(p.get("gpus") or [])
+    parts = []
+    for node, gpus in nodes.items():
+        ids = ", ".join("+".join(g) for g in gpus if g)
+        parts.append(f"{node} ×{len(gpus)}" + (f" (GPU {ids})" if ids else ""))
+    return f"placed on {len(nodes)} node(s): " + ", ".join(parts)
+
+
+def _search_options(meta: dict, opts: Options, cfg):
+    from evolve.search import SearchOptions
+
+    s = meta["search"]
+    return SearchOptions(max_fevals=opts.max_fevals, popsize=s["popsize"], sigma0=s["sigma0"],
+                         seed=s["seed"], timeout=opts.timeout, random_init=cfg.random_init)
+
+
+def _wandb_config(meta: dict, opts: Options) -> dict:
+    return {"genome": meta["identity"]["evolve"], **meta["search"], **meta.get("overrides", {}),
+            "workers": opts.workers,
+            "max_fevals": opts.max_fevals, "device": opts.device or "auto"}
+
+
+class _Lock:
+    def __init__(self, fh):
+        self.fh = fh
+
+    def close(self):
+        self.fh.close()
+
+
+def _lock(root: Path) -> _Lock:
+    """One search per storage folder: a second one would interleave the history."""
+    import fcntl
+
+    fh = open(root / ".lock", "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise EvomergeError(f"--storage-path: another mergekit-evolve is running on "
+                            f"'{root}'; wait for it or use another folder") from None
+    return _Lock(fh)
