@@ -1,8 +1,9 @@
 """Infer a decoder's layer structure from its tensor names and config.json.
 
 No per-architecture tables: a decoder's layer tensors are `<prefix>.<i>.<rest>` with i running over
-0..L-1, where L is the config's layer count (`num_hidden_layers`, `n_layer` or `num_layers`).
-Everything else is either before the layers (embeddings) or after them (final norm, lm_head).
+0..L-1, where L is the config's layer count (`num_hidden_layers`, `n_layer`, `num_layers` or
+`n_layers`). Everything else is either before the layers (embeddings) or after them (final norm, the
+output head — `lm_head`, or GPT-NeoX's `embed_out`, which is a head although its name says embed).
 """
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from dataclasses import dataclass
 
 from merge.errors import EvomergeError
 
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+# num_hidden_layers: most; n_layer: GPT-2, GPT-J, BLOOM, CodeGen; num_layers: ChatGLM, GPT-Neo;
+# n_layers: MPT, DBRX.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _INDEXED = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?[^.]+)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 _PRE_LAYER = re.compile(r"(embed|wte|wpe|word_embeddings|embd|emb_ln|rotary)", re.IGNORECASE)
+_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$")
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class Architecture:
 
     def head_name(self) -> str | None:
         for n in self.post:
-            if n.endswith("lm_head.weight") or n.endswith("embed_out.weight"):
+            if is_head(n) and n.endswith(".weight"):
                 return n
         return None
 
@@ -44,13 +48,18 @@ class Architecture:
         return None
 
 
+def is_head(name: str) -> bool:
+    """The output head's tensors (a tied model saves none)."""
+    return bool(_HEAD.search(name))
+
+
 def layer_count(config: dict) -> tuple[str, int]:
     for cfg in (config, config.get("text_config") or {}):
         for key in LAYER_COUNT_KEYS:
             if isinstance(cfg.get(key), int):
                 return key, cfg[key]
-    raise EvomergeError("config.json names no layer count (num_hidden_layers / n_layer / "
-                        "num_layers); this layout is not supported")
+    raise EvomergeError(f"config.json names no layer count ({' / '.join(LAYER_COUNT_KEYS)}); "
+                        f"this layout is not supported")
 
 
 def infer(config: dict, tensor_names: list[str], label: str = "model") -> Architecture:
@@ -74,9 +83,9 @@ def infer(config: dict, tensor_names: list[str], label: str = "model") -> Archit
     for name in tensor_names:
         if layer_re.match(name):
             continue
-        (pre if _PRE_LAYER.search(name) else post).append(name)
+        (pre if _PRE_LAYER.search(name) and not is_head(name) else post).append(name)
     tied = bool(config.get("tie_word_embeddings", config.get("model_type") == "gpt2"))
-    if not any(n.endswith("lm_head.weight") or n.endswith("embed_out.weight") for n in post):
+    if not any(is_head(n) and n.endswith(".weight") for n in post):
         tied = True  # no separate head is saved: the embedding doubles as the head
     return Architecture(config.get("model_type", "unknown"), prefix, n, key, tuple(pre), layers,
                         tuple(post), tied)
