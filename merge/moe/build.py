@@ -4,32 +4,29 @@ each expert donates its MLPs; the router rows come from prompts (see gates.py).
     plan_moe(config)                 headers only: models, architectures, sizes — every check
     build_moe(config, out, options)  compute the gates, then stream every tensor to a sharded folder
 
-Experts are copied, not merged: expert e's MLP weights in layer i are exactly source e's.
+Experts are copied, not merged: expert e's MLP weights in layer i are exactly source e's, except
+that the routed down projections are divided by the routing weights' per-token sum where the output
+architecture does not renormalise it to 1 (PhiMoE; Qwen2-MoE with its constant shared gate), so that
+an MoE of identical experts computes exactly the dense model's MLP (see layouts.py).
+
+Options are merge.engine.MergeOptions (device, random_seed, out_shard_size, copy_tokenizer,
+write_model_card, overwrite, quiet); the merge-only fields are ignored.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from merge.errors import ConfigError, EvomergeError
 from merge.moe.config import MoEConfig
 from merge.moe.layouts import (DenseMLP, Layout, OutTensor, base_layer_tensors, base_outer_tensors,
                                check_base_config, layout_for, output_config)
 
+if TYPE_CHECKING:
+    from merge.engine import MergeOptions
 
 _CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
-
-
-@dataclass
-class MoEOptions:
-    device: str = "cpu"
-    random_seed: Optional[int] = None
-    out_shard_size: int = 5 * 10**9
-    copy_tokenizer: bool = True
-    write_model_card: bool = True
-    overwrite: bool = False
-    quiet: bool = False
 
 
 @dataclass
@@ -46,6 +43,7 @@ class MoEPlan:
     hf_config: Any                 # the output's transformers config
     dtype: str                     # output dtype name
     sources: dict[str, Any] = field(default_factory=dict)
+    routed_scale: float = 1.0      # factor on the routed experts' down projections
 
     @property
     def num_layers(self) -> int:
@@ -58,6 +56,12 @@ class MoEPlan:
                  f"{self.intermediate}",
                  f"experts: {len(self.experts)}, {self.config.experts_per_token} per token, gates: "
                  f"{self.config.gate_mode}"]
+        if self.layout.model_type == "phimoe":
+            lines.append("note: PhiMoE normalises with LayerNorm where Phi-3 uses RMSNorm, so the "
+                         "MoE is not the dense model even with identical experts")
+        if self.routed_scale != 1.0:
+            lines.append(f"routed down projections × {self.routed_scale:g} (the routing weights "
+                         f"sum to {1 / self.routed_scale:g} per token)")
         lines += [f"  [{i}] {e.source.ref}" for i, e in enumerate(self.experts)]
         if self.shared is not None:
             lines.append(f"shared expert: {self.shared.source.ref} (intermediate "
@@ -152,7 +156,27 @@ def plan_moe(cfg: MoEConfig) -> MoEPlan:
     hf_config = output_config(layout, base_cfg, n, cfg.experts_per_token, intermediate,
                               shared_intermediate, dtype, cfg.norm_topk_prob)
     return MoEPlan(cfg, layout, base, base_arch, experts, shared, hidden, intermediate,
-                   shared_intermediate, hf_config, dtype, sources)
+                   shared_intermediate, hf_config, dtype, sources, routed_scale(cfg, layout))
+
+
+def routed_scale(cfg: MoEConfig, layout: Layout) -> float:
+    """1 / (the routing weights' sum per token) where that sum is a known constant other than 1.
+
+    PhiMoE: its two picks weigh exactly 1 each. Qwen2-MoE: the routed weights sum to 1, and the
+    shared expert adds sigmoid(gate·x) of its own; an unprompted shared gate is 0, sigmoid(0) = ½
+    for every token, so the total is 1½ and the routed experts take ½ (the shared expert the other
+    ½). A prompted shared gate varies per token: nothing to compensate exactly, the routed
+    experts stay as they are (as in the reference toolkit).
+    """
+    total = layout.routed_weight_sum
+    if layout.shared_expert and not _shared_gate_prompted(cfg):
+        return 0.5
+    return 1.0 / total
+
+
+def _shared_gate_prompted(cfg: MoEConfig) -> bool:
+    return bool(cfg.gate_mode != "random" and cfg.shared_experts
+                and cfg.shared_experts[0].positive_prompts)
 
 
 def _base_dtype(base) -> str:
@@ -164,7 +188,7 @@ def _base_dtype(base) -> str:
     return {v: k for k, v in _CODES.items()}.get(code, "float32")
 
 
-def compute_gates(plan: MoEPlan, options: MoEOptions):
+def compute_gates(plan: MoEPlan, options: "MergeOptions"):
     """(layers, experts, hidden) router rows and the optional (layers, 1, hidden) shared gate."""
     from merge.moe import gates
 
@@ -198,8 +222,12 @@ def output_tensors(plan: MoEPlan, gates, shared_gate) -> list[OutTensor]:
         for e, mlp in enumerate(plan.experts):
             parts = mlp.parts(i)
             for part, leaf in zip(("gate", "up", "down"), lay.expert_names):
+                produce = parts[part].produce
+                if part == "down" and plan.routed_scale != 1.0:
+                    # fp32 product, rounded once on writing; ½ is exact in any float format
+                    produce = (lambda p=produce, s=plan.routed_scale: p().float() * s)
                 out.append(OutTensor(arch.layer_tensor(i, f"{block}experts.{e}.{leaf}"),
-                                     parts[part].shape, parts[part].produce))
+                                     parts[part].shape, produce))
         if plan.shared is not None:
             parts = plan.shared.parts(i)
             scale = None
@@ -220,16 +248,17 @@ def output_tensors(plan: MoEPlan, gates, shared_gate) -> list[OutTensor]:
     return out
 
 
-def build_moe(cfg: MoEConfig, out_dir, options: Optional[MoEOptions] = None,
+def build_moe(cfg: MoEConfig, out_dir, options: Optional["MergeOptions"] = None,
               plan: Optional[MoEPlan] = None) -> Path:
     import torch
     import yaml
     from tqdm import tqdm
 
+    from merge.engine import MergeOptions
     from merge.sources import ST_ITEMSIZE
     from merge.writer import AtomicFolder, ShardedWriter, check_output_folder
 
-    options = options or MoEOptions()
+    options = options or MergeOptions()
     out_dir = Path(out_dir)
     plan = plan or plan_moe(cfg)
     check_output_folder(out_dir, options.overwrite, [s.folder for s in plan.sources.values()])
