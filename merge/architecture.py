@@ -18,6 +18,7 @@ from merge.errors import EvomergeError
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _INDEXED = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?[^.]+)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 _PRE_LAYER = re.compile(r"(embed|wte|wpe|word_embeddings|embd|emb_ln|rotary)", re.IGNORECASE)
+_EMBEDDING = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$")
 
 
@@ -43,7 +44,7 @@ class Architecture:
 
     def embedding_name(self) -> str | None:
         for n in self.pre:
-            if re.search(r"(embed_tokens|wte|word_embeddings|embed_in)\.weight$", n):
+            if is_embedding(n):
                 return n
         return None
 
@@ -51,6 +52,11 @@ class Architecture:
 def is_head(name: str) -> bool:
     """The output head's tensors (a tied model saves none)."""
     return bool(_HEAD.search(name))
+
+
+def is_embedding(name: str) -> bool:
+    """The input token embedding's weight."""
+    return bool(_EMBEDDING.search(name))
 
 
 def layer_count(config: dict) -> tuple[str, int]:
@@ -89,3 +95,30 @@ def infer(config: dict, tensor_names: list[str], label: str = "model") -> Archit
         tied = True  # no separate head is saved: the embedding doubles as the head
     return Architecture(config.get("model_type", "unknown"), prefix, n, key, tuple(pre), layers,
                         tuple(post), tied)
+
+
+def module_param_names(config: dict, tensor_names) -> dict[str, str]:
+    """Checkpoint tensor name → that parameter's name in the transformers model, where they differ.
+
+    transformers renames some checkpoint keys as it loads them (GPT-NeoX's `embed_out` is the module
+    `lm_head`), and PEFT adapters name modules as the loaded model does. Only renames are followed;
+    tensors that transformers fuses (MoE experts) keep their names.
+    """
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:      # older transformers load checkpoints under their own names
+        return {}
+    rules = None
+    for key in [*(config.get("architectures") or []), config.get("model_type")]:
+        if key and (rules := get_checkpoint_conversion_mapping(key)):
+            break
+    renames = [(src, tgt) for r in rules or () if type(r).__name__ == "WeightRenaming"
+               for src, tgt in zip(r.source_patterns, r.target_patterns)]
+    out = {}
+    for name in tensor_names:
+        new = name
+        for src, tgt in renames:
+            new = re.sub(src, tgt, new)
+        if new != name:
+            out[name] = new
+    return out

@@ -8,6 +8,14 @@ weight is W + s·B@A with s = alpha/r (alpha/√r with rsLoRA), transposed for f
 
 Nothing is merged ahead of time: `LoraAdapter.apply` patches one tensor as it is read, so memory stays
 bounded by a tensor. Everything checkable from headers is checked when the adapter is opened.
+
+Adapters name modules as the loaded transformers model does; where that differs from the checkpoint
+(GPT-NeoX's head is the module `lm_head`, saved as `embed_out`) the targets are renamed to the
+checkpoint's names. With tied embeddings the base saves no head: an adapter that saves the head
+whole next to the embedding (what mergekit-extract-lora writes for tied models, so that PEFT's
+unmerged model is right too) has its head copy dropped, the embedding being the head.
+
+merge.sources opens adapters for `base+adapter` references; this module does not import it.
 """
 from __future__ import annotations
 
@@ -16,7 +24,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from merge.errors import EvomergeError
 
@@ -116,8 +124,9 @@ class LoraAdapter:
                                                         rank, scaling, embedding or fan_in_fan_out,
                                                         embedding)
 
-    def check_against(self, tensors: dict, where: str) -> None:
+    def check_against(self, tensors: dict, where: str, config: dict | None = None) -> None:
         """Every patched tensor must exist in the base with the shape the adapter implies."""
+        self._to_checkpoint_names(tensors, config or {})
         for target, d in self.deltas.items():
             a, b = self.keys[d.a_key][1], self.keys[d.b_key][1]
             info = tensors.get(target)
@@ -146,6 +155,26 @@ class LoraAdapter:
                 raise EvomergeError(f"{where}: the adapter's '{target}' has shape {list(shape)} "
                                     f"but the base tensor is {list(info.shape)} (a resized "
                                     f"vocabulary?); the adapter does not fit this base model")
+
+    def _to_checkpoint_names(self, tensors: dict, config: dict) -> None:
+        missing = [t for t in (*self.deltas, *self.replacements) if t not in tensors]
+        if not missing:
+            return
+        from merge.architecture import is_embedding, is_head, module_param_names
+
+        by_module = {m: c for c, m in module_param_names(config, list(tensors)).items()}
+        for table in (self.deltas, self.replacements):
+            for target in [t for t in table if t not in tensors and t in by_module]:
+                entry = table.pop(target)
+                if isinstance(entry, LoraDelta):
+                    entry.target = by_module[target]
+                table[by_module[target]] = entry
+        has_head = any(is_head(n) for n in tensors)
+        embedding = [n for n in (*self.deltas, *self.replacements)
+                     if n in tensors and is_embedding(n)]
+        for target in [t for t in self.replacements if t not in tensors]:
+            if is_head(target) and not has_head and embedding:
+                del self.replacements[target]   # tied: the embedding's replacement is the head
 
     # --- reading ----------------------------------------------------------------------------------
     @property
@@ -195,7 +224,7 @@ def _adapter_keys(folder: Path, where: str) -> dict[str, tuple[Path, tuple[int, 
     st = folder / "adapter_model.safetensors"
     keys: dict[str, tuple[Path, tuple[int, ...]]] = {}
     if st.is_file():
-        from merge.sources import read_safetensors_header
+        from merge.headers import read_safetensors_header
 
         for k, entry in read_safetensors_header(st).items():
             keys[k] = (st, tuple(entry["shape"]))
@@ -220,21 +249,3 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
-
-
-def open_adapter(text: str, label: str, base_tensors: Optional[dict] = None) -> LoraAdapter:
-    """Resolve an adapter reference (local folder or hub id) and validate it against a base."""
-    from merge.sources import ModelRef, resolve_folder
-
-    ref = ModelRef(text)
-    local = Path(text).expanduser()
-    if local.exists() and not local.is_dir():
-        raise EvomergeError(f"{label}: LoRA adapter '{text}' is a file; give the adapter's folder")
-    if not local.exists() and (text.count("/") != 1 or text.startswith((".", "/", "~"))):
-        raise EvomergeError(f"{label}: LoRA adapter folder '{text}' does not exist; check the "
-                            f"path after '+'")
-    folder = resolve_folder(ref, f"{label} (LoRA adapter)")
-    adapter = LoraAdapter.open(folder, label, text)
-    if base_tensors is not None:
-        adapter.check_against(base_tensors, f"{label}: LoRA adapter '{text}'")
-    return adapter
