@@ -261,6 +261,31 @@ def test_random_gates_are_seeded_unit_rows(dense, tmp_path):
     torch.testing.assert_close(a[key].norm(dim=-1), torch.ones(3))
 
 
+def test_uniform_random_gates_and_expert_residual_and_noise_scales(dense, tmp_path):
+    """Keys the reference accepts on every expert: residual_scale (× down_proj) and noise_scale
+    (Gaussian noise of that σ on the expert's MLP weights, seeded by --random-seed)."""
+    models = dense("llama")
+    cfg = moe_config(models, gate_mode="uniform_random")
+    cfg["experts"][0]["residual_scale"] = 0.25
+    cfg["experts"][1]["noise_scale"] = 0.01
+    a = load_state(build(cfg, tmp_path / "a", random_seed=3))
+    b = load_state(build(cfg, tmp_path / "b", random_seed=3))
+    e0, e1 = load_state(models["e0"]), load_state(models["e1"])
+    p = "model.layers.2.block_sparse_moe."
+    gate = a[p + "gate.weight"]
+    assert gate.abs().max() <= 32 ** -0.5 and torch.equal(gate, b[p + "gate.weight"])
+    assert gate.std() > 0.5 * 32 ** -0.5 / 3 ** 0.5     # uniform, not unit rows
+    torch.testing.assert_close(a[p + "experts.0.w2.weight"],
+                               0.25 * e0["model.layers.2.mlp.down_proj.weight"])
+    assert torch.equal(a[p + "experts.0.w1.weight"], e0["model.layers.2.mlp.gate_proj.weight"])
+    noise = a[p + "experts.1.w3.weight"] - e1["model.layers.2.mlp.up_proj.weight"]
+    assert 0.008 < float(noise.std()) < 0.012
+    assert torch.equal(a[p + "experts.1.w3.weight"], b[p + "experts.1.w3.weight"])
+    other = a["model.layers.1.block_sparse_moe.experts.1.w3.weight"] - \
+        e1["model.layers.1.mlp.up_proj.weight"]
+    assert not torch.allclose(noise, other)              # every tensor its own draw
+
+
 def test_qwen2_designated_shared_expert_with_prompts_and_scale(dense, tmp_path):
     models = dense("qwen2")
     shared = {"source_model": str(models["e2"]), "positive_prompts": ["w60 w61"],
@@ -282,7 +307,8 @@ def test_cli_builds_and_writes_config_copy(dense, tmp_path):
     models = dense("llama")
     cfg_path = tmp_path / "moe.yml"
     cfg_path.write_text(yaml.safe_dump(moe_config(models, dtype="bfloat16")))
-    r = subprocess.run([BIN / "mergekit-moe", cfg_path, tmp_path / "out", "-q"],
+    r = subprocess.run([BIN / "mergekit-moe", cfg_path, tmp_path / "out", "-q",
+                        "--i-understand-this-is-not-useful-without-training"],
                        capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr
     state = load_state(tmp_path / "out")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from merge.errors import ConfigError, EvomergeError
-from merge.moe.config import MoEConfig
+from merge.moe.config import RANDOM_MODES, MoEConfig
 from merge.moe.layouts import (DenseMLP, Layout, OutTensor, base_layer_tensors, base_outer_tensors,
                                check_base_config, layout_for, output_config)
 
@@ -175,7 +175,7 @@ def routed_scale(cfg: MoEConfig, layout: Layout) -> float:
 
 
 def _shared_gate_prompted(cfg: MoEConfig) -> bool:
-    return bool(cfg.gate_mode != "random" and cfg.shared_experts
+    return bool(cfg.gate_mode not in RANDOM_MODES and cfg.shared_experts
                 and cfg.shared_experts[0].positive_prompts)
 
 
@@ -200,18 +200,49 @@ def compute_gates(plan: MoEPlan, options: "MergeOptions"):
     elif cfg.gate_mode == "cheap_embed":
         g, sg = gates.cheap_embed_gates(plan.base, plan.base_arch, cfg.experts, plan.num_layers,
                                         shared_cfg)
+    elif cfg.gate_mode == "uniform_random":
+        g, sg = gates.uniform_random_gates(len(cfg.experts), plan.hidden, plan.num_layers,
+                                           options.random_seed)
     else:
         g, sg = gates.random_gates(len(cfg.experts), plan.hidden, plan.num_layers,
                                    options.random_seed)
-    if cfg.gate_mode != "random":
+    if cfg.gate_mode not in RANDOM_MODES:
         gates.check_distinct(g, cfg.gate_mode)
     return g, sg
 
 
-def output_tensors(plan: MoEPlan, gates, shared_gate) -> list[OutTensor]:
+def _expert_weight(produce, name: str, expert, scale: float, seed: Optional[int]):
+    """An expert's MLP weight with its `noise_scale` noise (seeded per tensor name, so independent
+    of the order tensors are written in) and, for down_proj, the factor `scale`."""
+    noise = expert.noise_scale if expert is not None else None
+    if not noise and scale == 1.0:
+        return produce
+
+    def make():
+        import zlib
+
+        import torch
+
+        t = produce()
+        if noise:
+            from merge.moe.gates import _seed
+
+            g = torch.Generator().manual_seed(_seed(seed) ^ zlib.crc32(name.encode()))
+            t = t.float() + torch.randn(t.shape, generator=g) * noise
+        # fp32 product, rounded once on writing; ½ (the routing compensation) is exact
+        return t.float() * scale if scale != 1.0 else t
+    return make
+
+
+def output_tensors(plan: MoEPlan, gates, shared_gate, seed: Optional[int] = None
+                   ) -> list[OutTensor]:
     import torch
 
-    lay, arch = plan.layout, plan.base_arch
+    lay, arch, cfg = plan.layout, plan.base_arch, plan.config
+    if seed is None and any(e.noise_scale for e in [*cfg.experts, *(cfg.shared_experts or [])]):
+        from merge.moe.gates import _seed
+
+        seed = _seed(None)   # one draw for the whole build
     out = base_outer_tensors(lay, plan.base, arch.pre)
     n = len(plan.experts)
     for i in range(plan.num_layers):
@@ -219,26 +250,25 @@ def output_tensors(plan: MoEPlan, gates, shared_gate) -> list[OutTensor]:
         block = f"{lay.block}."
         out.append(OutTensor(arch.layer_tensor(i, block + lay.router), (n, plan.hidden),
                              lambda i=i: gates[i]))
-        for e, mlp in enumerate(plan.experts):
+        for e, (mlp, expert) in enumerate(zip(plan.experts, cfg.experts)):
             parts = mlp.parts(i)
             for part, leaf in zip(("gate", "up", "down"), lay.expert_names):
-                produce = parts[part].produce
-                if part == "down" and plan.routed_scale != 1.0:
-                    # fp32 product, rounded once on writing; ½ is exact in any float format
-                    produce = (lambda p=produce, s=plan.routed_scale: p().float() * s)
-                out.append(OutTensor(arch.layer_tensor(i, f"{block}experts.{e}.{leaf}"),
-                                     parts[part].shape, produce))
+                name = arch.layer_tensor(i, f"{block}experts.{e}.{leaf}")
+                scale = plan.routed_scale * (expert.residual_scale or 1.0) if part == "down" \
+                    else 1.0
+                out.append(OutTensor(name, parts[part].shape,
+                                     _expert_weight(parts[part].produce, name, expert, scale,
+                                                    seed)))
         if plan.shared is not None:
             parts = plan.shared.parts(i)
-            scale = None
-            if plan.config.shared_experts:
-                scale = plan.config.shared_experts[0].residual_scale
+            expert = cfg.shared_experts[0] if cfg.shared_experts else None
             for part in ("gate", "up", "down"):
-                produce = parts[part].produce
-                if part == "down" and scale is not None:
-                    produce = (lambda p=produce, s=scale: p().float() * s)
-                out.append(OutTensor(arch.layer_tensor(i, f"mlp.shared_expert.{part}_proj.weight"),
-                                     parts[part].shape, produce))
+                name = arch.layer_tensor(i, f"mlp.shared_expert.{part}_proj.weight")
+                scale = (expert.residual_scale or 1.0) if expert is not None and part == "down" \
+                    else 1.0
+                out.append(OutTensor(name, parts[part].shape,
+                                     _expert_weight(parts[part].produce, name, expert, scale,
+                                                    seed)))
             # Without prompts the shared gate is 0: sigmoid(0) = ½ for every token.
             produce = ((lambda i=i: shared_gate[i]) if shared_gate is not None
                        else (lambda: torch.zeros(1, plan.hidden)))
@@ -266,7 +296,7 @@ def build_moe(cfg: MoEConfig, out_dir, options: Optional["MergeOptions"] = None,
         raise EvomergeError(f"--device: '{options.device}' requested but no CUDA GPU is "
                             f"available; drop --cuda/--device")
     gates, shared_gate = compute_gates(plan, options)
-    tensors = output_tensors(plan, gates, shared_gate)
+    tensors = output_tensors(plan, gates, shared_gate, options.random_seed)
     dtype = getattr(torch, plan.dtype)
     code = _CODES[plan.dtype]
     specs = []

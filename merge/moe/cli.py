@@ -18,12 +18,14 @@ from merge.command import options, run_build
 @click.option("--random-seed", type=int, default=None, help="Seed for gate_mode: random.")
 @click.option("--write-model-card/--no-write-model-card", default=True, show_default=True)
 @click.option("--lazy-unpickle", is_flag=True, help="Accepted for compatibility; loading is always lazy.")
+@click.option("--i-understand-this-is-not-useful-without-training", "all_same_ok", is_flag=True,
+              help="Accepted for compatibility: identical experts are never refused here.")
 @click.option("--dry-run", is_flag=True, help="Validate, print the layout, load no tensor.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("-v", "--verbose", is_flag=True, help="Print the layout before building.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def cli(config_file, out_dir, cuda, device, out_shard_size, copy_tokenizer, random_seed,
-        write_model_card, lazy_unpickle, dry_run, overwrite, verbose, quiet):
+        write_model_card, lazy_unpickle, all_same_ok, dry_run, overwrite, verbose, quiet):
     """Build a mixture-of-experts model from the dense models CONFIG lists into OUT_DIR."""
 
     def make_options():
