@@ -114,13 +114,16 @@ def _selected(module: str, include: tuple[str, ...], exclude: tuple[str, ...]) -
 
 
 def plan_targets(ft, base, modules: ModuleMap, include: tuple[str, ...],
-                 exclude: tuple[str, ...], embeddings: bool):
+                 exclude: tuple[str, ...], embeddings: bool, save_modules: tuple[str, ...] = (),
+                 embeddings_whole: bool = False, skip_undecomposable: bool = False):
     """Decide, from headers alone, which modules get a LoRA and which are candidates to save whole.
 
     Module names are the loaded model's (what PEFT targets); --include/--exclude match them or the
     checkpoint's own names (GPT-NeoX: `lm_head` or `embed_out`). With tied embeddings the embedding
     goes to the candidates to save whole, once as the embedding and once as the head: a LoRA on a
     shared matrix is right either unmerged (PEFT applies it to the lookup only) or merged, never both.
+    `save_modules` (full names or last components) and, with `embeddings_whole`, the embedding and
+    head are saved whole too; `skip_undecomposable` leaves out modules LoRA cannot express.
     """
     for pattern in include + exclude:
         try:
@@ -146,23 +149,28 @@ def plan_targets(ft, base, modules: ModuleMap, include: tuple[str, ...],
             raise EvomergeError(f"--model: '{name}' is {list(ft_info.shape)} in the fine-tune but "
                                 f"{list(info.shape)} in the base (a resized vocabulary?); LoRA "
                                 f"extraction needs equal shapes — exclude it with --exclude")
-        if kind in ("linear", "conv1d", "embedding") and param == "weight" and len(info.shape) == 2:
-            if kind == "embedding" and not embeddings:
-                continue
-            if tied and module == modules.input_embedding:
-                whole[module] = [name]
-                whole[tied] = [name]       # the head's copy: the same fine-tuned matrix
-                continue
+        if kind == "embedding" and not embeddings:
+            continue
+        if tied and module == modules.input_embedding and param == "weight":
+            whole[module] = [name]
+            whole[tied] = [name]       # the head's copy: the same fine-tuned matrix
+            continue
+        if module in save_modules or module.rpartition(".")[2] in save_modules or (
+                embeddings_whole and (kind == "embedding" or module == modules.output_embedding)):
+            whole.setdefault(module, []).append(name)
+        elif kind in ("linear", "conv1d", "embedding") and param == "weight" and \
+                len(info.shape) == 2:
             # The rank is capped per module at min(max_rank, min(shape)), as the reference does:
             # one run gives an exact adapter of modules of any width (grouped-query k/v).
             targets.append(Target(module, name, kind, tuple(info.shape)))
-        elif kind == "other":
+        elif kind == "other" and not skip_undecomposable:
             whole.setdefault(module, []).append(name)
     return targets, whole
 
 
 def extract(target: Target, ft, base, max_rank: int, sv_threshold: float,
-            device: str = "cpu") -> Optional[Extracted]:
+            device: str = "cpu", sv_epsilon: float = 0.0,
+            distribute_scale: bool = True) -> Optional[Extracted]:
     """Truncated SVD of one module's weight difference; None when the module did not change."""
     import torch
 
@@ -173,10 +181,16 @@ def extract(target: Target, ft, base, max_rank: int, sv_threshold: float,
         return None
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     keep = int((s > sv_threshold * s[0]).sum()) if sv_threshold > 0 else len(s)
+    if sv_epsilon > 0:
+        keep = min(keep, int((s > sv_epsilon).sum()))
     rank = max(1, min(max_rank, keep))
-    root = s[:rank].sqrt()
-    b = (u[:, :rank] * root).contiguous()
-    a = (root[:, None] * vh[:rank]).contiguous()
+    if distribute_scale:       # √Σ on each side; otherwise Σ in A (the product is the same)
+        root = s[:rank].sqrt()
+        b = (u[:, :rank] * root).contiguous()
+        a = (root[:, None] * vh[:rank]).contiguous()
+    else:
+        b = u[:, :rank].contiguous()
+        a = (s[:rank, None] * vh[:rank]).contiguous()
     dropped = float(s[rank:].double().pow(2).sum().sqrt())
     return Extracted(target, a.cpu(), b.cpu(), rank, dropped)
 
@@ -237,13 +251,18 @@ def adapter_config(results: list[Extracted], saved_modules: list[str], base_ref:
 def run(model: str, base_model: str, out_path: str, max_rank: int, sv_threshold: float = 0.0,
         include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), embeddings: bool = True,
         modules_to_save: bool = True, device: str = "cpu", overwrite: bool = False,
-        trust_remote_code: bool = False, quiet: bool = True) -> dict:
+        trust_remote_code: bool = False, quiet: bool = True, sv_epsilon: float = 0.0,
+        save_modules: tuple[str, ...] = (), embeddings_whole: bool = False,
+        skip_undecomposable: bool = False, distribute_scale: bool = True) -> dict:
     """Extract and write the adapter; returns a summary {module: (rank, predicted error)}."""
     from merge.sources import ModelSource
     from merge.writer import AtomicFolder, check_output_folder
 
     if max_rank < 1:
         raise EvomergeError("--max-rank: must be at least 1")
+    if sv_epsilon < 0:
+        raise EvomergeError(f"--sv-epsilon: {sv_epsilon:g} is negative; it is a singular value "
+                            f"below which a module's rank stops")
     if not 0.0 <= sv_threshold < 1.0:
         raise EvomergeError(f"--sv-threshold: {sv_threshold:g} is outside [0, 1); it is a "
                             f"fraction of each module's largest singular value")
@@ -252,7 +271,8 @@ def run(model: str, base_model: str, out_path: str, max_rank: int, sv_threshold:
     out = Path(out_path)
     check_output_folder(out, overwrite, [ft.folder, base.folder])
     modules = module_map(base, trust_remote_code)
-    targets, whole = plan_targets(ft, base, modules, tuple(include), tuple(exclude), embeddings)
+    targets, whole = plan_targets(ft, base, modules, tuple(include), tuple(exclude), embeddings,
+                                  tuple(save_modules), embeddings_whole, skip_undecomposable)
     if device.startswith("cuda"):
         import torch
 
@@ -263,10 +283,15 @@ def run(model: str, base_model: str, out_path: str, max_rank: int, sv_threshold:
 
     results: list[Extracted] = []
     for t in tqdm(targets, desc="extracting", disable=quiet, leave=False):
-        r = extract(t, ft, base, max_rank, sv_threshold, device)
+        r = extract(t, ft, base, max_rank, sv_threshold, device, sv_epsilon, distribute_scale)
         if r is not None:
             results.append(r)
-    saved = changed_whole_modules(whole, ft, base) if modules_to_save else {}
+    if not modules_to_save:   # still saved: what the user named (--save-module, --no-embed-lora)
+        whole = {m: n for m, n in whole.items()
+                 if m in save_modules or m.rpartition(".")[2] in save_modules
+                 or (embeddings_whole and (modules.kinds.get(m) == "embedding"
+                                           or m == modules.output_embedding))}
+    saved = changed_whole_modules(whole, ft, base)
     biases = changed_biases(results, ft, base) if modules_to_save else []
     if not results:
         raise EvomergeError("--model: no selected linear or embedding module differs from the "
@@ -319,26 +344,43 @@ def _card(model, base_model, config, summary, saved) -> str:
 @click.option("--max-rank", required=True, type=int, help="Largest LoRA rank per module.")
 @click.option("--sv-threshold", type=float, default=0.0, show_default=True,
               help="Also drop singular values below this fraction of the module's largest.")
-@click.option("--include", multiple=True, help="Regex: only modules whose name matches (repeatable).")
-@click.option("--exclude", multiple=True, help="Regex: skip modules whose name matches (repeatable).")
+@click.option("--sv-epsilon", type=float, default=0.0, show_default=True,
+              help="Also drop singular values at or below this absolute value (the reference's).")
+@click.option("--include", "--include-regex", multiple=True,
+              help="Regex: only modules whose name matches (repeatable).")
+@click.option("--exclude", "--exclude-regex", multiple=True,
+              help="Regex: skip modules whose name matches (repeatable).")
 @click.option("--embeddings/--no-embeddings", default=True, show_default=True,
               help="Extract LoRA for embedding layers too (PEFT lora_embedding_A/B).")
+@click.option("--embed-lora/--no-embed-lora", default=None,
+              help="The reference's switch: --no-embed-lora saves the embedding and head whole "
+                   "instead (default here: --embed-lora).")
+@click.option("--save-module", multiple=True,
+              help="Save this module whole instead of as a LoRA (full or last name; repeatable).")
 @click.option("--modules-to-save/--no-modules-to-save", default=True, show_default=True,
               help="Save what LoRA cannot express (changed norms, biases of LoRA layers) whole.")
+@click.option("--skip-undecomposable", is_flag=True,
+              help="Leave out modules LoRA cannot express (norms ...) instead of saving them whole.")
+@click.option("--distribute-scale/--no-distribute-scale", default=True, show_default=True,
+              help="√Σ in both factors, or Σ in lora_A only (the same product).")
 @click.option("--device", default=None, help="Device for the SVDs (default cpu).")
 @click.option("--cuda", is_flag=True, help="Same as --device cuda.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_PATH if it is not empty.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def cli(model, base_model, out_path, max_rank, sv_threshold, include, exclude, embeddings,
-        modules_to_save, device, cuda, trust_remote_code, overwrite, quiet):
+def cli(model, base_model, out_path, max_rank, sv_threshold, sv_epsilon, include, exclude,
+        embeddings, embed_lora, save_module, modules_to_save, skip_undecomposable,
+        distribute_scale, device, cuda, trust_remote_code, overwrite, quiet):
     """Extract a PEFT LoRA adapter that turns BASE into the fine-tuned MODEL."""
     from merge.command import device as device_from_flags, reporting
 
     with reporting("--out-path"):
         summary = run(model, base_model, out_path, max_rank, sv_threshold, include, exclude,
                       embeddings, modules_to_save, device_from_flags(cuda, device), overwrite,
-                      trust_remote_code, quiet)
+                      trust_remote_code, quiet, sv_epsilon=sv_epsilon, save_modules=save_module,
+                      embeddings_whole=embed_lora is False,
+                      skip_undecomposable=skip_undecomposable,
+                      distribute_scale=distribute_scale)
     if not quiet:
         ranks = sorted({r for r, _ in summary.values()})
         click.echo(f"wrote {out_path}: {len(summary)} modules, ranks {ranks[0]}..{ranks[-1]}")

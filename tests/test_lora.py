@@ -155,6 +155,31 @@ def test_max_rank_is_capped_per_module(models, tmp_path, capsys):
                                ft["model.layers.2.self_attn.v_proj.weight"], rtol=0, atol=2e-6)
 
 
+def test_reference_command_line_flags(models, tmp_path, capsys):
+    """The reference's flags: --no-embed-lora saves embedding and head whole, *-regex selects,
+    --sv-epsilon is absolute, --no-distribute-scale puts Σ into lora_A (same product)."""
+    from merge.lora_extract import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--model", str(models["ft"]), "--base-model", str(models["base"]),
+                  "--out-path", str(tmp_path / "a"), "--max-rank", "64", "--no-embed-lora",
+                  "--exclude-regex", r"layers\.3\.mlp", "--sv-epsilon", "1e-9",
+                  "--no-distribute-scale", "-q"])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert {"model.embed_tokens", "lm_head"} <= set(config["modules_to_save"])
+    assert not {"model.embed_tokens", "lm_head"} & set(config["target_modules"])
+    assert not any("layers.3.mlp" in m for m in config["target_modules"])
+    adapter = load_state(tmp_path / "a")
+    b = adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    torch.testing.assert_close(b.T @ b, torch.eye(b.shape[1]), atol=1e-5, rtol=0)  # B = U
+    merged, ft, base = peft_merged(models["base"], tmp_path / "a"), load_state(models["ft"]), \
+        load_state(models["base"])
+    for name, want in ft.items():
+        expect = base[name] if "layers.3.mlp" in name else want
+        torch.testing.assert_close(merged[name], expect, rtol=0, atol=2e-6)
+
+
 # --- every head style: PEFT unmerged, PEFT merged and base+adapter reproduce the fine-tune -----
 
 HEADS = {"untied": ("llama", {}), "tied-llama": ("llama", {"tie_word_embeddings": True}),
