@@ -317,6 +317,20 @@ def test_cli_builds_and_writes_config_copy(dense, tmp_path):
     assert yaml.safe_load((tmp_path / "out" / "mergekit_moe_config.yml").read_text())["experts"]
 
 
+def test_architecture_key_takes_our_names_and_the_references():
+    from merge.errors import EvomergeError
+    from merge.moe.layouts import layout_for
+
+    assert layout_for("qwen2", "qwen").model_type == "qwen2_moe"       # reference: "Qwen MoE"
+    assert layout_for("qwen3", "Qwen3").model_type == "qwen3_moe"      # "Qwen3 MoE"
+    assert layout_for("qwen3", "qwen3_moe").model_type == "qwen3_moe"
+    assert layout_for("mistral", "MIXTRAL").model_type == "mixtral"
+    with pytest.raises(EvomergeError, match="becomes qwen2_moe, not mixtral"):
+        layout_for("qwen2", "mixtral")
+    with pytest.raises(EvomergeError, match="unknown output 'deepseek'"):
+        layout_for("llama", "deepseek")
+
+
 def test_example_configs_parse():
     examples = sorted((Path(__file__).parents[1] / "configs" / "moe").glob("*.yml"))
     assert len(examples) >= 3

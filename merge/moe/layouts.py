@@ -113,18 +113,27 @@ LAYOUTS = {
 }
 
 
+# The reference toolkit's output names; its `architecture:` key matches them by prefix, any case.
+REFERENCE_NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen MoE", "qwen3_moe": "Qwen3 MoE",
+                   "phimoe": "PhiMoE"}
+
+
 def layout_for(base_type: str, requested: Optional[str]) -> Layout:
     by_input = {t: lay for lay in LAYOUTS.values() for t in lay.inputs}
-    if requested is not None and requested not in LAYOUTS:
-        raise EvomergeError(f"architecture: unknown output '{requested}'; use one of "
-                            f"{', '.join(LAYOUTS)}")
+    wanted = None
+    if requested is not None:
+        r = requested.strip().lower()
+        wanted = {k for k in LAYOUTS if k == r or REFERENCE_NAMES[k].lower().startswith(r)}
+        if not wanted:
+            raise EvomergeError(f"architecture: unknown output '{requested}'; use one of "
+                                f"{', '.join(LAYOUTS)}")
     layout = by_input.get(base_type)
     if layout is None:
         supported = ", ".join(f"{'/'.join(lay.inputs)} → {lay.model_type}"
                               for lay in LAYOUTS.values())
         raise EvomergeError(f"base_model: architecture '{base_type}' is not supported for MoE "
                             f"merges (supported: {supported})")
-    if requested is not None and requested != layout.model_type:
+    if wanted is not None and layout.model_type not in wanted:
         raise EvomergeError(f"architecture: a {base_type} base model becomes {layout.model_type}, "
                             f"not {requested}; remove the key or change the base model")
     return layout
