@@ -13,7 +13,8 @@ Adapters name modules as the loaded transformers model does; where that differs 
 (GPT-NeoX's head is the module `lm_head`, saved as `embed_out`) the targets are renamed to the
 checkpoint's names. With tied embeddings the base saves no head: an adapter that saves the head
 whole next to the embedding (what mergekit-extract-lora writes for tied models, so that PEFT's
-unmerged model is right too) has its head copy dropped, the embedding being the head.
+unmerged model is right too) has its head copy dropped, the embedding being the head; a LoRA on
+the head alone updates the embedding, as PEFT's merge_and_unload does to the shared matrix.
 
 merge.sources opens adapters for `base+adapter` references; this module does not import it.
 """
@@ -59,6 +60,7 @@ class LoraAdapter:
     keys: dict[str, tuple[Path, tuple[int, ...]]]      # adapter tensor key → (file, shape)
     deltas: dict[str, LoraDelta] = field(default_factory=dict)
     replacements: dict[str, str] = field(default_factory=dict)  # target tensor → adapter key
+    base_layer_copies: set[str] = field(default_factory=set)    # replacements of a LoRA layer
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     # --- opening and validation -----------------------------------------------------------------
@@ -105,6 +107,8 @@ class LoraAdapter:
             else:
                 target = name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
                 self.replacements[target] = key
+                if ".base_layer." in name:      # PEFT's copy of the base's own weight
+                    self.base_layer_copies.add(target)
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
         for module, pair in factors.items():
             if set(pair) != {"A", "B"}:
@@ -126,7 +130,7 @@ class LoraAdapter:
 
     def check_against(self, tensors: dict, where: str, config: dict | None = None) -> None:
         """Every patched tensor must exist in the base with the shape the adapter implies."""
-        self._to_checkpoint_names(tensors, config or {})
+        self._to_checkpoint_names(tensors, config or {}, where)
         for target, d in self.deltas.items():
             a, b = self.keys[d.a_key][1], self.keys[d.b_key][1]
             info = tensors.get(target)
@@ -156,7 +160,7 @@ class LoraAdapter:
                                     f"but the base tensor is {list(info.shape)} (a resized "
                                     f"vocabulary?); the adapter does not fit this base model")
 
-    def _to_checkpoint_names(self, tensors: dict, config: dict) -> None:
+    def _to_checkpoint_names(self, tensors: dict, config: dict, where: str) -> None:
         missing = [t for t in (*self.deltas, *self.replacements) if t not in tensors]
         if not missing:
             return
@@ -169,12 +173,30 @@ class LoraAdapter:
                 if isinstance(entry, LoraDelta):
                     entry.target = by_module[target]
                 table[by_module[target]] = entry
-        has_head = any(is_head(n) for n in tensors)
-        embedding = [n for n in (*self.deltas, *self.replacements)
-                     if n in tensors and is_embedding(n)]
-        for target in [t for t in self.replacements if t not in tensors]:
-            if is_head(target) and not has_head and embedding:
-                del self.replacements[target]   # tied: the embedding's replacement is the head
+        if any(is_head(n) for n in tensors):
+            return
+        # Tied embeddings: the base saves no head, its embedding is the head.
+        emb = next((n for n in tensors if is_embedding(n)), None)
+        changed = emb is not None and (emb in self.deltas or emb in self.replacements)
+        for target in [t for t in self.replacements if t not in tensors and is_head(t)]:
+            if not changed and target not in self.base_layer_copies:
+                raise EvomergeError(f"{where}: the adapter replaces the output head '{target}', "
+                                    f"but the base ties its head to the embedding and saves none; "
+                                    f"merge the adapter with PEFT (merge_and_unload) and use the "
+                                    f"merged model")
+            # the embedding's replacement is the head, or this is PEFT's copy of the base's own
+            # (tied) matrix, which the embedding already holds
+            del self.replacements[target]
+        for target in [t for t in self.deltas if t not in tensors and is_head(t)]:
+            if emb is None or changed:
+                raise EvomergeError(f"{where}: the adapter changes both the embedding and the "
+                                    f"head '{target}' of a model with tied embeddings (one matrix "
+                                    f"here); merge it with PEFT (merge_and_unload) and use the "
+                                    f"merged model")
+            # merge_and_unload adds the head's update to the one shared matrix
+            d = self.deltas.pop(target)
+            d.target = emb
+            self.deltas[emb] = d
 
     # --- reading ----------------------------------------------------------------------------------
     @property

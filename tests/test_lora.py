@@ -298,6 +298,40 @@ def test_extracted_adapter_is_a_valid_input(models, tmp_path):
         torch.testing.assert_close(src.read(name), t, rtol=0, atol=2e-6)
 
 
+def test_peft_head_lora_on_a_tied_base_updates_the_shared_matrix(tmp_path):
+    """A peft adapter on lm_head of a tied model: merge_and_unload adds it to the one matrix."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from merge.errors import EvomergeError
+
+    base = build_model(tmp_path / "base", tie_word_embeddings=True)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                               LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                          init_lora_weights=False))
+        model.save_pretrained(tmp_path / "a")
+        merged = {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}
+    src = ModelSource.open(f"{base}+{tmp_path / 'a'}")
+    assert "lm_head.weight" not in src.tensors
+    emb = src.read("model.embed_tokens.weight")
+    torch.testing.assert_close(emb, merged["lm_head.weight"], rtol=0, atol=1e-6)
+    assert not torch.equal(emb, load_state(base)["model.embed_tokens.weight"])
+    # A trained head copy (modules_to_save) would untie the model: refused, not dropped.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                               LoraConfig(r=4, target_modules=["q_proj"],
+                                          modules_to_save=["lm_head"]))
+        model.save_pretrained(tmp_path / "b")
+    with pytest.raises(EvomergeError, match="ties its head to the embedding"):
+        ModelSource.open(f"{base}+{tmp_path / 'b'}")
+
+
 def mergekit_yaml(tmp_path, ref):
     cfg = {"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1.0}}]}
     (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
