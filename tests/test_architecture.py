@@ -63,3 +63,20 @@ def test_mpt_layer_count_key_n_layers(tmp_path):
     assert len(model.transformer.blocks) == 5
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_filters_match_the_loaded_names_of_mixtral_experts(tmp_path):
+    """Mixtral checkpoints say block_sparse_moe, transformers (and configs) say mlp."""
+    a = build_model(tmp_path / "a", arch="mixtral", seed=0)
+    b = perturb(a, tmp_path / "b", seed=5)
+    cfg = {"merge_method": "slerp", "base_model": str(a),
+           "models": [{"model": str(a)}, {"model": str(b)}],
+           "parameters": {"t": [{"filter": "mlp", "value": 0.0},
+                                {"filter": "self_attn", "value": 1.0}, {"value": 0.5}]}}
+    merge_to_folder(MergeConfig.from_dict(cfg), tmp_path / "out", MergeOptions(quiet=True))
+    out, sa, sb = load_state(tmp_path / "out"), load_state(a), load_state(b)
+    for expert in ("experts.0.w1", "experts.1.w2", "gate"):
+        name = f"model.layers.2.block_sparse_moe.{expert}.weight"
+        assert torch.equal(out[name], sa[name]), name          # t = 0: the base
+    name = "model.layers.2.self_attn.q_proj.weight"
+    torch.testing.assert_close(out[name], sb[name])            # t = 1: the other model

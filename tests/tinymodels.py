@@ -45,6 +45,8 @@ ARCH_KWARGS = {
     "qwen3": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=64, head_dim=8),
     "mpt": dict(d_model=32, n_layers=4, n_heads=4, expansion_ratio=2),   # layer count: n_layers
+    "mixtral": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=64, num_local_experts=2),
 }
 
 
