@@ -1,8 +1,9 @@
 """Infer a decoder's layer structure from its tensor names and config.json.
 
 No per-architecture tables: a decoder's layer tensors are `<prefix>.<i>.<rest>` with i running over
-0..L-1, where L is the config's layer count (`num_hidden_layers`, `n_layer` or `num_layers`).
-Everything else is either before the layers (embeddings) or after them (final norm, lm_head).
+0..L-1, where L is the config's layer count (`num_hidden_layers`, `n_layer`, `num_layers` or
+`n_layers`). Everything else is either before the layers (embeddings) or after them (final norm, the
+output head — `lm_head`, or GPT-NeoX's `embed_out`, which is a head although its name says embed).
 """
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from dataclasses import dataclass
 
 from merge.errors import EvomergeError
 
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+# num_hidden_layers: most; n_layer: GPT-2, GPT-J, BLOOM, CodeGen; num_layers: ChatGLM, GPT-Neo;
+# n_layers: MPT, DBRX.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _INDEXED = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?[^.]+)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 _PRE_LAYER = re.compile(r"(embed|wte|wpe|word_embeddings|embd|emb_ln|rotary)", re.IGNORECASE)
+_EMBEDDING = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
+_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$")
 
 
 @dataclass(frozen=True)
@@ -33,15 +38,25 @@ class Architecture:
 
     def head_name(self) -> str | None:
         for n in self.post:
-            if n.endswith("lm_head.weight") or n.endswith("embed_out.weight"):
+            if is_head(n) and n.endswith(".weight"):
                 return n
         return None
 
     def embedding_name(self) -> str | None:
         for n in self.pre:
-            if re.search(r"(embed_tokens|wte|word_embeddings|embed_in)\.weight$", n):
+            if is_embedding(n):
                 return n
         return None
+
+
+def is_head(name: str) -> bool:
+    """The output head's tensors (a tied model saves none)."""
+    return bool(_HEAD.search(name))
+
+
+def is_embedding(name: str) -> bool:
+    """The input token embedding's weight."""
+    return bool(_EMBEDDING.search(name))
 
 
 def layer_count(config: dict) -> tuple[str, int]:
@@ -49,8 +64,8 @@ def layer_count(config: dict) -> tuple[str, int]:
         for key in LAYER_COUNT_KEYS:
             if isinstance(cfg.get(key), int):
                 return key, cfg[key]
-    raise EvomergeError("config.json names no layer count (num_hidden_layers / n_layer / "
-                        "num_layers); this layout is not supported")
+    raise EvomergeError(f"config.json names no layer count ({' / '.join(LAYER_COUNT_KEYS)}); "
+                        f"this layout is not supported")
 
 
 def infer(config: dict, tensor_names: list[str], label: str = "model") -> Architecture:
@@ -74,9 +89,46 @@ def infer(config: dict, tensor_names: list[str], label: str = "model") -> Archit
     for name in tensor_names:
         if layer_re.match(name):
             continue
-        (pre if _PRE_LAYER.search(name) else post).append(name)
+        (pre if _PRE_LAYER.search(name) and not is_head(name) else post).append(name)
     tied = bool(config.get("tie_word_embeddings", config.get("model_type") == "gpt2"))
-    if not any(n.endswith("lm_head.weight") or n.endswith("embed_out.weight") for n in post):
+    if not any(is_head(n) and n.endswith(".weight") for n in post):
         tied = True  # no separate head is saved: the embedding doubles as the head
     return Architecture(config.get("model_type", "unknown"), prefix, n, key, tuple(pre), layers,
                         tuple(post), tied)
+
+
+def module_param_names(config: dict, tensor_names) -> dict[str, str]:
+    """Checkpoint tensor name → that parameter's name in the transformers model, where they differ.
+
+    transformers renames some checkpoint keys as it loads them (GPT-NeoX's `embed_out` is the module
+    `lm_head`), and PEFT adapters name modules as the loaded model does. Only renames are followed;
+    tensors that transformers fuses (MoE experts) keep their names.
+    """
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:      # older transformers load checkpoints under their own names
+        return {}
+    rules = None
+    for key in [*(config.get("architectures") or []), config.get("model_type")]:
+        if key and (rules := get_checkpoint_conversion_mapping(key)):
+            break
+    renames = [(src, tgt) for r in rules or () if type(r).__name__ == "WeightRenaming"
+               for src, tgt in zip(r.source_patterns, r.target_patterns)]
+    out = {}
+    for name in tensor_names:
+        new = name
+        for src, tgt in renames:
+            new = re.sub(src, tgt, new)
+        if new != name:
+            out[name] = new
+    return out
+
+
+def filter_aliases(filters: set[str], config: dict, tensor_names) -> dict[str, str]:
+    """Loaded-model names for the tensors, for parameter filters, only when some filter occurs in
+    no checkpoint name (Mixtral's `block_sparse_moe` is `mlp` once loaded, and configs written
+    against the loaded names say `filter: mlp`). Otherwise {}, and transformers is not imported."""
+    names = list(tensor_names)
+    if not any(all(f not in n for n in names) for f in filters):
+        return {}
+    return module_param_names(config, names)

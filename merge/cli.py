@@ -5,18 +5,11 @@ answers at once.
 """
 from __future__ import annotations
 
-import sys
-from typing import NoReturn
-
 import click
 
-from merge.errors import EvomergeError
+from merge.command import fail, options, run_build
 
-
-def fail(message: str) -> NoReturn:
-    """Every user-facing error: one line on stderr, exit code 2, no traceback."""
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
+__all__ = ["cli", "main", "fail"]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,45 +40,31 @@ def cli(config_file, out_dir, cuda, device, out_shard_size, copy_tokenizer, allo
         truncate_vocab, lazy_unpickle, trust_remote_code, random_seed, write_model_card, clone_tensors,
         num_threads, dry_run, overwrite, verbose, quiet):
     """Merge the models that CONFIG describes into OUT_DIR (a Hugging Face model folder)."""
-    from merge.config import load_config
-    from merge.writer import check_output_folder, parse_size
 
-    try:
-        options = _options(cuda, device, out_shard_size, copy_tokenizer, allow_crimes,
-                           trust_remote_code, random_seed, write_model_card, clone_tensors,
-                           num_threads, overwrite, quiet, parse_size)
-        options.truncate_vocab = truncate_vocab
-        config = load_config(config_file)
-        if not dry_run:
-            check_output_folder(out_dir, overwrite, [])
-        from merge.engine import merge_to_folder, validate
+    def make_options():
+        return options(cuda, device, out_shard_size, random_seed=random_seed,
+                       copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
+                       overwrite=overwrite, quiet=quiet, num_threads=num_threads,
+                       trust_remote_code=trust_remote_code, allow_crimes=allow_crimes,
+                       clone_tensors=clone_tensors, truncate_vocab=truncate_vocab)
 
-        plan = validate(config, options)
-        if dry_run or verbose:
-            click.echo(plan.summary())
-        if dry_run:
-            return
-        merge_to_folder(config, out_dir, options, plan=plan)
-    except EvomergeError as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        fail("interrupted; nothing was written to OUT_DIR")
-    if not quiet:
-        click.echo(f"wrote {out_dir}")
+    def load():
+        from merge.config import load_config
 
+        return load_config(config_file)
 
-def _options(cuda, device, out_shard_size, copy_tokenizer, allow_crimes, trust_remote_code,
-             random_seed, write_model_card, clone_tensors, num_threads, overwrite, quiet,
-             parse_size):
-    from merge.engine import MergeOptions
+    def plan(config, opts):
+        from merge.engine import validate
 
-    if cuda and device and not device.startswith("cuda"):
-        raise EvomergeError(f"--cuda conflicts with --device {device}; give one of them")
-    return MergeOptions(device=device or ("cuda" if cuda else "cpu"), random_seed=random_seed,
-                        out_shard_size=parse_size(out_shard_size), copy_tokenizer=copy_tokenizer,
-                        write_model_card=write_model_card, overwrite=overwrite, quiet=quiet,
-                        num_threads=num_threads, trust_remote_code=trust_remote_code,
-                        allow_crimes=allow_crimes, clone_tensors=clone_tensors)
+        return validate(config, opts)
+
+    def build(config, opts, the_plan):
+        from merge.engine import merge_to_folder
+
+        merge_to_folder(config, out_dir, opts, plan=the_plan)
+
+    run_build(out_dir, load=load, plan=plan, build=build, make_options=make_options,
+              dry_run=dry_run, verbose=verbose)
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ Both build an ordinary merge config and run it through the engine; `--print-yaml
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Optional
 
 import click
@@ -173,9 +172,14 @@ def cli(out_path, merge_, base_model, method, weight, density, normalize, naive_
         bf16, bakllama, fp16, print_yaml, cuda, copy_tokenizer, allow_crimes, lazy_unpickle,
         clone_tensors, random_seed, out_shard_size, cache_dir, merged_cache_dir, overwrite, quiet):
     """Merge with legacy-style flags (or a bakllama file) into OUT_PATH."""
+    from merge.command import options, reporting, run_build
+
     if cache_dir:   # before huggingface_hub is imported: it reads the variable once
         os.environ["HF_HUB_CACHE"] = cache_dir
-    try:
+
+    def load():
+        from merge.config import MergeConfig
+
         if bakllama:
             if merge_ or base_model:
                 raise EvomergeError("--bakllama: give either a bakllama file or --merge/"
@@ -184,32 +188,32 @@ def cli(out_path, merge_, base_model, method, weight, density, normalize, naive_
         else:
             data = flags_to_config(merge_, base_model, method, weight, density, normalize,
                                    naive_count, bf16)
-        from merge.config import MergeConfig
+        return MergeConfig.from_dict(data)   # the same validation mergekit-yaml applies
 
-        config = MergeConfig.from_dict(data)   # the same validation mergekit-yaml applies
-        if print_yaml:
-            import yaml
+    if print_yaml:
+        import yaml
 
-            click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
-            return
-        from merge.engine import MergeOptions, merge_to_folder, validate
-        from merge.writer import check_output_folder, parse_size
+        with reporting("OUT_PATH"):
+            click.echo(yaml.safe_dump(load().to_dict(), sort_keys=False), nl=False)
+        return
 
-        options = MergeOptions(device="cuda" if cuda else "cpu", random_seed=random_seed,
-                               out_shard_size=parse_size(out_shard_size),
-                               copy_tokenizer=copy_tokenizer, overwrite=overwrite, quiet=quiet,
-                               allow_crimes=allow_crimes, clone_tensors=clone_tensors)
-        check_output_folder(out_path, overwrite, [])
-        plan = validate(config, options)
-        merge_to_folder(config, out_path, options, plan=plan)
-    except EvomergeError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted; nothing was written to OUT_PATH", err=True)
-        sys.exit(2)
-    if not quiet:
-        click.echo(f"wrote {out_path}")
+    def make_options():
+        return options(cuda, None, out_shard_size, random_seed=random_seed,
+                       copy_tokenizer=copy_tokenizer, overwrite=overwrite, quiet=quiet,
+                       allow_crimes=allow_crimes, clone_tensors=clone_tensors)
+
+    def plan(config, opts):
+        from merge.engine import validate
+
+        return validate(config, opts)
+
+    def build(config, opts, the_plan):
+        from merge.engine import merge_to_folder
+
+        merge_to_folder(config, out_path, opts, plan=the_plan)
+
+    run_build(out_path, load=load, plan=plan, build=build, make_options=make_options,
+              target="OUT_PATH")
 
 
 def main() -> None:

@@ -8,6 +8,15 @@ weight is W + s·B@A with s = alpha/r (alpha/√r with rsLoRA), transposed for f
 
 Nothing is merged ahead of time: `LoraAdapter.apply` patches one tensor as it is read, so memory stays
 bounded by a tensor. Everything checkable from headers is checked when the adapter is opened.
+
+Adapters name modules as the loaded transformers model does; where that differs from the checkpoint
+(GPT-NeoX's head is the module `lm_head`, saved as `embed_out`) the targets are renamed to the
+checkpoint's names. With tied embeddings the base saves no head: an adapter that saves the head
+whole next to the embedding (what mergekit-extract-lora writes for tied models, so that PEFT's
+unmerged model is right too) has its head copy dropped, the embedding being the head; a LoRA on
+the head alone updates the embedding, as PEFT's merge_and_unload does to the shared matrix.
+
+merge.sources opens adapters for `base+adapter` references; this module does not import it.
 """
 from __future__ import annotations
 
@@ -16,7 +25,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from merge.errors import EvomergeError
 
@@ -51,6 +60,7 @@ class LoraAdapter:
     keys: dict[str, tuple[Path, tuple[int, ...]]]      # adapter tensor key → (file, shape)
     deltas: dict[str, LoraDelta] = field(default_factory=dict)
     replacements: dict[str, str] = field(default_factory=dict)  # target tensor → adapter key
+    base_layer_copies: set[str] = field(default_factory=set)    # replacements of a LoRA layer
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     # --- opening and validation -----------------------------------------------------------------
@@ -97,6 +107,8 @@ class LoraAdapter:
             else:
                 target = name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
                 self.replacements[target] = key
+                if ".base_layer." in name:      # PEFT's copy of the base's own weight
+                    self.base_layer_copies.add(target)
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
         for module, pair in factors.items():
             if set(pair) != {"A", "B"}:
@@ -116,8 +128,9 @@ class LoraAdapter:
                                                         rank, scaling, embedding or fan_in_fan_out,
                                                         embedding)
 
-    def check_against(self, tensors: dict, where: str) -> None:
+    def check_against(self, tensors: dict, where: str, config: dict | None = None) -> None:
         """Every patched tensor must exist in the base with the shape the adapter implies."""
+        self._to_checkpoint_names(tensors, config or {}, where)
         for target, d in self.deltas.items():
             a, b = self.keys[d.a_key][1], self.keys[d.b_key][1]
             info = tensors.get(target)
@@ -146,6 +159,44 @@ class LoraAdapter:
                 raise EvomergeError(f"{where}: the adapter's '{target}' has shape {list(shape)} "
                                     f"but the base tensor is {list(info.shape)} (a resized "
                                     f"vocabulary?); the adapter does not fit this base model")
+
+    def _to_checkpoint_names(self, tensors: dict, config: dict, where: str) -> None:
+        missing = [t for t in (*self.deltas, *self.replacements) if t not in tensors]
+        if not missing:
+            return
+        from merge.architecture import is_embedding, is_head, module_param_names
+
+        by_module = {m: c for c, m in module_param_names(config, list(tensors)).items()}
+        for table in (self.deltas, self.replacements):
+            for target in [t for t in table if t not in tensors and t in by_module]:
+                entry = table.pop(target)
+                if isinstance(entry, LoraDelta):
+                    entry.target = by_module[target]
+                table[by_module[target]] = entry
+        if any(is_head(n) for n in tensors):
+            return
+        # Tied embeddings: the base saves no head, its embedding is the head.
+        emb = next((n for n in tensors if is_embedding(n)), None)
+        changed = emb is not None and (emb in self.deltas or emb in self.replacements)
+        for target in [t for t in self.replacements if t not in tensors and is_head(t)]:
+            if not changed and target not in self.base_layer_copies:
+                raise EvomergeError(f"{where}: the adapter replaces the output head '{target}', "
+                                    f"but the base ties its head to the embedding and saves none; "
+                                    f"merge the adapter with PEFT (merge_and_unload) and use the "
+                                    f"merged model")
+            # the embedding's replacement is the head, or this is PEFT's copy of the base's own
+            # (tied) matrix, which the embedding already holds
+            del self.replacements[target]
+        for target in [t for t in self.deltas if t not in tensors and is_head(t)]:
+            if emb is None or changed:
+                raise EvomergeError(f"{where}: the adapter changes both the embedding and the "
+                                    f"head '{target}' of a model with tied embeddings (one matrix "
+                                    f"here); merge it with PEFT (merge_and_unload) and use the "
+                                    f"merged model")
+            # merge_and_unload adds the head's update to the one shared matrix
+            d = self.deltas.pop(target)
+            d.target = emb
+            self.deltas[emb] = d
 
     # --- reading ----------------------------------------------------------------------------------
     @property
@@ -195,7 +246,7 @@ def _adapter_keys(folder: Path, where: str) -> dict[str, tuple[Path, tuple[int, 
     st = folder / "adapter_model.safetensors"
     keys: dict[str, tuple[Path, tuple[int, ...]]] = {}
     if st.is_file():
-        from merge.sources import read_safetensors_header
+        from merge.headers import read_safetensors_header
 
         for k, entry in read_safetensors_header(st).items():
             keys[k] = (st, tuple(entry["shape"]))
@@ -220,21 +271,3 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
-
-
-def open_adapter(text: str, label: str, base_tensors: Optional[dict] = None) -> LoraAdapter:
-    """Resolve an adapter reference (local folder or hub id) and validate it against a base."""
-    from merge.sources import ModelRef, resolve_folder
-
-    ref = ModelRef(text)
-    local = Path(text).expanduser()
-    if local.exists() and not local.is_dir():
-        raise EvomergeError(f"{label}: LoRA adapter '{text}' is a file; give the adapter's folder")
-    if not local.exists() and (text.count("/") != 1 or text.startswith((".", "/", "~"))):
-        raise EvomergeError(f"{label}: LoRA adapter folder '{text}' does not exist; check the "
-                            f"path after '+'")
-    folder = resolve_folder(ref, f"{label} (LoRA adapter)")
-    adapter = LoraAdapter.open(folder, label, text)
-    if base_tensors is not None:
-        adapter.check_against(base_tensors, f"{label}: LoRA adapter '{text}'")
-    return adapter

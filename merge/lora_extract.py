@@ -8,14 +8,19 @@ scaling 1 (lora_alpha = r per module), so `PeftModel.from_pretrained(base, out)`
 
 What LoRA cannot express is saved whole when the fine-tune changed it: norms as PEFT
 `modules_to_save`, biases of LoRA layers in PEFT's `bias: lora_only` layout, so that the adapter
-reproduces the fine-tune exactly at full rank.
+reproduces the fine-tune exactly at full rank. So is the embedding of a model with tied embeddings
+(as the embedding and as the head): PEFT applies an embedding LoRA to the lookup only, so unmerged
+the head would keep the base's matrix, and a second LoRA on the head would be merged twice into the
+one shared matrix.
+
+Module names are the loaded transformers model's, which PEFT uses (GPT-NeoX's head `embed_out` is
+the module `lm_head`); tensors are read under the checkpoint's names.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -48,21 +53,36 @@ class Extracted:
     dropped_error: float   # √(Σ dropped σ²): the Frobenius error Eckart–Young predicts
 
 
-def module_kinds(folder: Path, trust_remote_code: bool = False) -> dict[str, str]:
-    """Module name → linear | conv1d | embedding | other, from the model built on the meta device."""
+@dataclass
+class ModuleMap:
+    """What the loaded transformers model makes of the base checkpoint (built on the meta device)."""
+
+    kinds: dict[str, str]             # module name → linear | conv1d | embedding | other
+    renames: dict[str, str]           # checkpoint tensor → model parameter, where they differ
+    input_embedding: Optional[str]    # module names
+    output_embedding: Optional[str]
+
+    def param(self, tensor: str) -> str:
+        return self.renames.get(tensor, tensor)
+
+
+def module_map(base, trust_remote_code: bool = False) -> ModuleMap:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from merge.architecture import module_param_names
+
     try:
-        cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        cfg = AutoConfig.from_pretrained(base.folder, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
     except Exception as e:  # unknown model_type, remote code refused, ...
         raise EvomergeError(f"--base-model: transformers cannot build this architecture "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); pass "
                             f"--trust-remote-code if it needs the model's own code") from None
-    kinds = {}
+    kinds, names = {}, {}
     for name, mod in model.named_modules():
+        names[id(mod)] = name
         cls = type(mod).__name__
         if isinstance(mod, torch.nn.Embedding):
             kinds[name] = "embedding"
@@ -72,7 +92,19 @@ def module_kinds(folder: Path, trust_remote_code: bool = False) -> dict[str, str
             kinds[name] = "conv1d"
         else:
             kinds[name] = "other"
-    return kinds
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    return ModuleMap(kinds, module_param_names(base.config, list(base.tensors)),
+                     names.get(id(inp)) if inp is not None else None,
+                     names.get(id(out)) if out is not None else None)
+
+
+def tied_head(modules: ModuleMap, base) -> Optional[str]:
+    """The output head's module name when the base saves no head of its own (tied embeddings)."""
+    head = modules.output_embedding
+    if head is None or modules.input_embedding is None:
+        return None
+    saved = {modules.param(n) for n in base.tensors}
+    return head if f"{head}.weight" not in saved else None
 
 
 def _selected(module: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
@@ -81,9 +113,18 @@ def _selected(module: str, include: tuple[str, ...], exclude: tuple[str, ...]) -
     return not any(re.search(p, module) for p in exclude)
 
 
-def plan_targets(ft, base, kinds: dict[str, str], max_rank: int, include: tuple[str, ...],
-                 exclude: tuple[str, ...], embeddings: bool):
-    """Decide, from headers alone, which modules get a LoRA and which are candidates to save whole."""
+def plan_targets(ft, base, modules: ModuleMap, include: tuple[str, ...],
+                 exclude: tuple[str, ...], embeddings: bool, save_modules: tuple[str, ...] = (),
+                 embeddings_whole: bool = False, skip_undecomposable: bool = False):
+    """Decide, from headers alone, which modules get a LoRA and which are candidates to save whole.
+
+    Module names are the loaded model's (what PEFT targets); --include/--exclude match them or the
+    checkpoint's own names (GPT-NeoX: `lm_head` or `embed_out`). With tied embeddings the embedding
+    goes to the candidates to save whole, once as the embedding and once as the head: a LoRA on a
+    shared matrix is right either unmerged (PEFT applies it to the lookup only) or merged, never both.
+    `save_modules` (full names or last components) and, with `embeddings_whole`, the embedding and
+    head are saved whole too; `skip_undecomposable` leaves out modules LoRA cannot express.
+    """
     for pattern in include + exclude:
         try:
             re.compile(pattern)
@@ -92,10 +133,13 @@ def plan_targets(ft, base, kinds: dict[str, str], max_rank: int, include: tuple[
                                 f"expression ({e})") from None
     targets: list[Target] = []
     whole: dict[str, list[str]] = {}   # module → its tensors (norms and other non-LoRA modules)
+    tied = tied_head(modules, base)
     for name, info in base.tensors.items():
-        module, _, param = name.rpartition(".")
-        kind = kinds.get(module)
-        if kind is None or not _selected(module, include, exclude):
+        module, _, param = modules.param(name).rpartition(".")
+        kind = modules.kinds.get(module)
+        saved_as = name.rpartition(".")[0]
+        if kind is None or not (_selected(module, include, exclude)
+                                or (saved_as != module and _selected(saved_as, include, exclude))):
             continue
         ft_info = ft.tensors.get(name)
         if ft_info is None:
@@ -105,23 +149,28 @@ def plan_targets(ft, base, kinds: dict[str, str], max_rank: int, include: tuple[
             raise EvomergeError(f"--model: '{name}' is {list(ft_info.shape)} in the fine-tune but "
                                 f"{list(info.shape)} in the base (a resized vocabulary?); LoRA "
                                 f"extraction needs equal shapes — exclude it with --exclude")
-        if kind in ("linear", "conv1d", "embedding") and param == "weight" and len(info.shape) == 2:
-            if kind == "embedding" and not embeddings:
-                continue
-            t = Target(module, name, kind, tuple(info.shape))
-            limit = min(t.shape)
-            if max_rank > limit:
-                raise EvomergeError(f"--max-rank: {max_rank} is larger than module '{module}' "
-                                    f"allows ({list(t.shape)}, rank at most {limit}); lower "
-                                    f"--max-rank or leave the module out with --exclude")
-            targets.append(t)
-        elif kind == "other":
+        if kind == "embedding" and not embeddings:
+            continue
+        if tied and module == modules.input_embedding and param == "weight":
+            whole[module] = [name]
+            whole[tied] = [name]       # the head's copy: the same fine-tuned matrix
+            continue
+        if module in save_modules or module.rpartition(".")[2] in save_modules or (
+                embeddings_whole and (kind == "embedding" or module == modules.output_embedding)):
+            whole.setdefault(module, []).append(name)
+        elif kind in ("linear", "conv1d", "embedding") and param == "weight" and \
+                len(info.shape) == 2:
+            # The rank is capped per module at min(max_rank, min(shape)), as the reference does:
+            # one run gives an exact adapter of modules of any width (grouped-query k/v).
+            targets.append(Target(module, name, kind, tuple(info.shape)))
+        elif kind == "other" and not skip_undecomposable:
             whole.setdefault(module, []).append(name)
     return targets, whole
 
 
 def extract(target: Target, ft, base, max_rank: int, sv_threshold: float,
-            device: str = "cpu") -> Optional[Extracted]:
+            device: str = "cpu", sv_epsilon: float = 0.0,
+            distribute_scale: bool = True) -> Optional[Extracted]:
     """Truncated SVD of one module's weight difference; None when the module did not change."""
     import torch
 
@@ -132,10 +181,16 @@ def extract(target: Target, ft, base, max_rank: int, sv_threshold: float,
         return None
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     keep = int((s > sv_threshold * s[0]).sum()) if sv_threshold > 0 else len(s)
+    if sv_epsilon > 0:
+        keep = min(keep, int((s > sv_epsilon).sum()))
     rank = max(1, min(max_rank, keep))
-    root = s[:rank].sqrt()
-    b = (u[:, :rank] * root).contiguous()
-    a = (root[:, None] * vh[:rank]).contiguous()
+    if distribute_scale:       # √Σ on each side; otherwise Σ in A (the product is the same)
+        root = s[:rank].sqrt()
+        b = (u[:, :rank] * root).contiguous()
+        a = (root[:, None] * vh[:rank]).contiguous()
+    else:
+        b = u[:, :rank].contiguous()
+        a = (s[:rank, None] * vh[:rank]).contiguous()
     dropped = float(s[rank:].double().pow(2).sum().sqrt())
     return Extracted(target, a.cpu(), b.cpu(), rank, dropped)
 
@@ -143,23 +198,26 @@ def extract(target: Target, ft, base, max_rank: int, sv_threshold: float,
 def changed_whole_modules(whole: dict[str, list[str]], ft, base) -> dict[str, list[str]]:
     import torch
 
-    out = {}
+    out, changed = {}, {}
     for module, names in whole.items():
-        if any(not torch.equal(ft.read(n), base.read(n)) for n in names):
+        for n in names:
+            if n not in changed:
+                changed[n] = not torch.equal(ft.read(n), base.read(n))
+        if any(changed[n] for n in names):
             out[module] = names
     return out
 
 
-def changed_biases(results: list[Extracted], ft, base) -> list[str]:
+def changed_biases(results: list[Extracted], ft, base) -> list[tuple[str, str]]:
     """Bias tensors of LoRA modules that the fine-tune changed (LoRA itself only moves weights)."""
     import torch
 
     out = []
     for r in results:
-        name = r.target.module + ".bias"
+        name = r.target.tensor[: -len("weight")] + "bias"     # the checkpoint's name
         if name in base.tensors and name in ft.tensors and \
                 not torch.equal(ft.read(name), base.read(name)):
-            out.append(name)
+            out.append((r.target.module, name))
     return out
 
 
@@ -193,13 +251,18 @@ def adapter_config(results: list[Extracted], saved_modules: list[str], base_ref:
 def run(model: str, base_model: str, out_path: str, max_rank: int, sv_threshold: float = 0.0,
         include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), embeddings: bool = True,
         modules_to_save: bool = True, device: str = "cpu", overwrite: bool = False,
-        trust_remote_code: bool = False, quiet: bool = True) -> dict:
+        trust_remote_code: bool = False, quiet: bool = True, sv_epsilon: float = 0.0,
+        save_modules: tuple[str, ...] = (), embeddings_whole: bool = False,
+        skip_undecomposable: bool = False, distribute_scale: bool = True) -> dict:
     """Extract and write the adapter; returns a summary {module: (rank, predicted error)}."""
     from merge.sources import ModelSource
     from merge.writer import AtomicFolder, check_output_folder
 
     if max_rank < 1:
         raise EvomergeError("--max-rank: must be at least 1")
+    if sv_epsilon < 0:
+        raise EvomergeError(f"--sv-epsilon: {sv_epsilon:g} is negative; it is a singular value "
+                            f"below which a module's rank stops")
     if not 0.0 <= sv_threshold < 1.0:
         raise EvomergeError(f"--sv-threshold: {sv_threshold:g} is outside [0, 1); it is a "
                             f"fraction of each module's largest singular value")
@@ -207,9 +270,9 @@ def run(model: str, base_model: str, out_path: str, max_rank: int, sv_threshold:
     base = ModelSource.open(base_model, "--base-model")
     out = Path(out_path)
     check_output_folder(out, overwrite, [ft.folder, base.folder])
-    kinds = module_kinds(base.folder, trust_remote_code)
-    targets, whole = plan_targets(ft, base, kinds, max_rank, tuple(include), tuple(exclude),
-                                  embeddings)
+    modules = module_map(base, trust_remote_code)
+    targets, whole = plan_targets(ft, base, modules, tuple(include), tuple(exclude), embeddings,
+                                  tuple(save_modules), embeddings_whole, skip_undecomposable)
     if device.startswith("cuda"):
         import torch
 
@@ -220,10 +283,15 @@ def run(model: str, base_model: str, out_path: str, max_rank: int, sv_threshold:
 
     results: list[Extracted] = []
     for t in tqdm(targets, desc="extracting", disable=quiet, leave=False):
-        r = extract(t, ft, base, max_rank, sv_threshold, device)
+        r = extract(t, ft, base, max_rank, sv_threshold, device, sv_epsilon, distribute_scale)
         if r is not None:
             results.append(r)
-    saved = changed_whole_modules(whole, ft, base) if modules_to_save else {}
+    if not modules_to_save:   # still saved: what the user named (--save-module, --no-embed-lora)
+        whole = {m: n for m, n in whole.items()
+                 if m in save_modules or m.rpartition(".")[2] in save_modules
+                 or (embeddings_whole and (modules.kinds.get(m) == "embedding"
+                                           or m == modules.output_embedding))}
+    saved = changed_whole_modules(whole, ft, base)
     biases = changed_biases(results, ft, base) if modules_to_save else []
     if not results:
         raise EvomergeError("--model: no selected linear or embedding module differs from the "
@@ -242,10 +310,9 @@ def run(model: str, base_model: str, out_path: str, max_rank: int, sv_threshold:
             tensors[prefix + ".lora_A.weight"] = r.a
             tensors[prefix + ".lora_B.weight"] = r.b
     for module, names in saved.items():
-        for n in names:
-            tensors["base_model.model." + n] = ft.read(n)
-    for n in biases:   # peft's bias="lora_only" layout: the LoRA layer's own bias, replaced
-        module = n.rsplit(".", 1)[0]
+        for n in names:     # under the module's name in the loaded model, as PEFT saves them
+            tensors[f"base_model.model.{module}.{n.rpartition('.')[2]}"] = ft.read(n)
+    for module, n in biases:   # peft's bias="lora_only" layout: the LoRA layer's bias, replaced
         tensors[f"base_model.model.{module}.base_layer.bias"] = ft.read(n)
     config = adapter_config(results, sorted(saved), base_model)
     if biases:
@@ -277,30 +344,43 @@ def _card(model, base_model, config, summary, saved) -> str:
 @click.option("--max-rank", required=True, type=int, help="Largest LoRA rank per module.")
 @click.option("--sv-threshold", type=float, default=0.0, show_default=True,
               help="Also drop singular values below this fraction of the module's largest.")
-@click.option("--include", multiple=True, help="Regex: only modules whose name matches (repeatable).")
-@click.option("--exclude", multiple=True, help="Regex: skip modules whose name matches (repeatable).")
+@click.option("--sv-epsilon", type=float, default=0.0, show_default=True,
+              help="Also drop singular values at or below this absolute value (the reference's).")
+@click.option("--include", "--include-regex", multiple=True,
+              help="Regex: only modules whose name matches (repeatable).")
+@click.option("--exclude", "--exclude-regex", multiple=True,
+              help="Regex: skip modules whose name matches (repeatable).")
 @click.option("--embeddings/--no-embeddings", default=True, show_default=True,
               help="Extract LoRA for embedding layers too (PEFT lora_embedding_A/B).")
+@click.option("--embed-lora/--no-embed-lora", default=None,
+              help="The reference's switch: --no-embed-lora saves the embedding and head whole "
+                   "instead (default here: --embed-lora).")
+@click.option("--save-module", multiple=True,
+              help="Save this module whole instead of as a LoRA (full or last name; repeatable).")
 @click.option("--modules-to-save/--no-modules-to-save", default=True, show_default=True,
               help="Save what LoRA cannot express (changed norms, biases of LoRA layers) whole.")
-@click.option("--device", default="cpu", show_default=True, help="Device for the SVDs.")
+@click.option("--skip-undecomposable", is_flag=True,
+              help="Leave out modules LoRA cannot express (norms ...) instead of saving them whole.")
+@click.option("--distribute-scale/--no-distribute-scale", default=True, show_default=True,
+              help="√Σ in both factors, or Σ in lora_A only (the same product).")
+@click.option("--device", default=None, help="Device for the SVDs (default cpu).")
 @click.option("--cuda", is_flag=True, help="Same as --device cuda.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_PATH if it is not empty.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def cli(model, base_model, out_path, max_rank, sv_threshold, include, exclude, embeddings,
-        modules_to_save, device, cuda, trust_remote_code, overwrite, quiet):
+def cli(model, base_model, out_path, max_rank, sv_threshold, sv_epsilon, include, exclude,
+        embeddings, embed_lora, save_module, modules_to_save, skip_undecomposable,
+        distribute_scale, device, cuda, trust_remote_code, overwrite, quiet):
     """Extract a PEFT LoRA adapter that turns BASE into the fine-tuned MODEL."""
-    try:
+    from merge.command import device as device_from_flags, reporting
+
+    with reporting("--out-path"):
         summary = run(model, base_model, out_path, max_rank, sv_threshold, include, exclude,
-                      embeddings, modules_to_save, "cuda" if cuda else device, overwrite,
-                      trust_remote_code, quiet)
-    except EvomergeError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted; nothing was written to --out-path", err=True)
-        sys.exit(2)
+                      embeddings, modules_to_save, device_from_flags(cuda, device), overwrite,
+                      trust_remote_code, quiet, sv_epsilon=sv_epsilon, save_modules=save_module,
+                      embeddings_whole=embed_lora is False,
+                      skip_undecomposable=skip_undecomposable,
+                      distribute_scale=distribute_scale)
     if not quiet:
         ranks = sorted({r for r, _ in summary.values()})
         click.echo(f"wrote {out_path}: {len(summary)} modules, ranks {ranks[0]}..{ranks[-1]}")

@@ -14,6 +14,7 @@ class Position:
     tensor: str
     layer: Optional[int] = None   # index inside the slice
     slice_len: int = 1
+    aliases: tuple[str, ...] = ()  # the tensor's name in the loaded model, where it differs
 
     @property
     def fraction(self) -> float:
@@ -38,7 +39,7 @@ def evaluate(value: Any, pos: Position) -> Any:
         if value and isinstance(value[0], dict):
             for entry in value:
                 f = entry.get("filter")
-                if f is None or f in pos.tensor:
+                if f is None or f in pos.tensor or any(f in a for a in pos.aliases):
                     return evaluate(entry["value"], pos)
             return _MISSING
         if pos.layer is None:
@@ -55,3 +56,13 @@ def resolve(levels: list[tuple[str, Optional[dict]]], name: str, pos: Position):
             if v is not _MISSING:
                 return v, f"{path}.{name}"
     return None
+
+
+def filters_in(value: Any) -> set[str]:
+    """Every `filter` string of the conditional lists inside a config (any nesting)."""
+    if isinstance(value, dict):
+        found = {value["filter"]} if isinstance(value.get("filter"), str) else set()
+        return found.union(*(filters_in(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(filters_in(v) for v in value))
+    return set()

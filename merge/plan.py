@@ -13,7 +13,7 @@ from merge import architecture
 from merge.config import MergeConfig, SliceSource
 from merge.errors import ConfigError, EvomergeError
 from merge.methods import Method, get_method
-from merge.parameters import Position, resolve
+from merge.parameters import Position, filters_in, resolve
 from merge.sources import ModelSource, TensorInfo
 from merge.vocab import VocabPlan, plan_vocab
 
@@ -143,6 +143,9 @@ def build_plan(cfg: MergeConfig, cache: Optional[SourceCache] = None,
     plans: list[TensorPlan] = []
     layer_map: list[tuple[str, int]] = []
 
+    filters = filters_in(cfg.to_dict())
+    aliases = {ref: architecture.filter_aliases(filters, src.config, src.tensors)
+               for ref, src in sources.items()} if filters else {}
     first, last = slices[0], slices[-1]
     ref_first = archs[first.reference.model]
     for name in ref_first.pre:
@@ -156,8 +159,10 @@ def build_plan(cfg: MergeConfig, cache: Optional[SourceCache] = None,
             layer_map.append((ref_src.model, src_layer))
             for rest in ref_arch.layers[src_layer]:
                 out_name = ref_arch.layer_tensor(out_layer, rest)
+                alias = aliases.get(ref_src.model, {}).get(ref_arch.layer_tensor(src_layer, rest))
                 plans.append(_tensor_plan(cfg, method, sources, archs, sl, out_name, rest,
-                                          Position(out_name, i, sl.length), layer=i))
+                                          Position(out_name, i, sl.length,
+                                                   (alias,) if alias else ()), layer=i))
             out_layer += 1
     ref_last = archs[last.reference.model]
     for name in ref_last.post:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from merge.errors import EvomergeError
+from merge.headers import read_safetensors_header
+from merge.lora import LoraAdapter
+
+__all__ = ["ModelRef", "ModelSource", "TensorInfo", "read_safetensors_header", "resolve_folder"]
 
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt",
                 "*.jinja", "*.tiktoken"]
@@ -65,6 +68,21 @@ def resolve_folder(ref: ModelRef, field: str) -> Path:
             f"or its cache ({type(e).__name__}); download it first or give a local path") from None
 
 
+def open_adapter(text: str, label: str, base: "ModelSource") -> LoraAdapter:
+    """Resolve an adapter reference (local folder or hub id) and validate it against its base."""
+    ref = ModelRef(text)
+    local = Path(text).expanduser()
+    if local.exists() and not local.is_dir():
+        raise EvomergeError(f"{label}: LoRA adapter '{text}' is a file; give the adapter's folder")
+    if not local.exists() and (text.count("/") != 1 or text.startswith((".", "/", "~"))):
+        raise EvomergeError(f"{label}: LoRA adapter folder '{text}' does not exist; check the "
+                            f"path after '+'")
+    folder = resolve_folder(ref, f"{label} (LoRA adapter)")
+    adapter = LoraAdapter.open(folder, label, text)
+    adapter.check_against(base.tensors, f"{label}: LoRA adapter '{text}'", base.config)
+    return adapter
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -84,17 +102,15 @@ class ModelSource:
     label: str = "model"   # the config field that names this model, for error messages
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _bin_cache: dict[Path, dict] = field(default_factory=dict, repr=False)
-    adapter: Any = None    # a merge.lora.LoraAdapter applied as tensors are read (`base+adapter`)
+    adapter: Optional[LoraAdapter] = None   # applied as tensors are read (`base+adapter`)
 
     @classmethod
     def open(cls, text: str, label: str = "model") -> "ModelSource":
         ref = ModelRef.parse(text)
         source = cls(ref, resolve_folder(ref, label), label)
         if ref.lora:
-            from merge.lora import open_adapter
-
             # Validated against the base's headers now, applied lazily per tensor in read().
-            source.adapter = open_adapter(ref.lora, label, source.tensors)
+            source.adapter = open_adapter(ref.lora, label, source)
         return source
 
     @cached_property
@@ -195,24 +211,6 @@ class ModelSource:
         self._bin_cache.clear()
         if self.adapter is not None:
             self.adapter.close()
-
-
-def read_safetensors_header(path: Path, with_data_start: bool = False):
-    """Tensor names, shapes and dtypes from a safetensors header (8-byte length + JSON).
-
-    Read directly so that validating a config never imports torch.
-    """
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100 * 2**20:
-                raise ValueError("header too large")
-            header = json.loads(f.read(length))
-    except (OSError, ValueError, struct.error) as e:
-        raise EvomergeError(f"'{path}' is not a readable safetensors file ({e}); re-download "
-                            f"or re-save it") from None
-    header.pop("__metadata__", None)
-    return (header, 8 + length) if with_data_start else header
 
 
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",

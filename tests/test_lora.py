@@ -138,16 +138,99 @@ def test_no_embeddings_and_no_modules_to_save(models, tmp_path):
     assert config["modules_to_save"] is None
 
 
-def test_rank_larger_than_a_matrix_is_refused(models, tmp_path, capsys):
+def test_max_rank_is_capped_per_module(models, tmp_path, capsys):
+    """As the reference: rank = min(max_rank, what the module allows); k/v (16 × 32) get 16."""
     from merge.lora_extract import cli
 
     with pytest.raises(SystemExit) as exit_info:   # in-process: the CLI path, without the imports
         cli.main(["--model", str(models["ft"]), "--base-model", str(models["base"]),
                   "--out-path", str(tmp_path / "a"), "--max-rank", "24"])
-    err = capsys.readouterr().err
-    one_line_error(subprocess.CompletedProcess([], exit_info.value.code, "", err),
-                   "--max-rank", "k_proj", "[16, 32]", "at most 16")
-    assert not (tmp_path / "a").exists()
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["r"] == 24
+    assert config["rank_pattern"]["model\\.layers\\.0\\.self_attn\\.k_proj"] == 16
+    merged = peft_merged(models["base"], tmp_path / "a")
+    ft = load_state(models["ft"])
+    torch.testing.assert_close(merged["model.layers.2.self_attn.v_proj.weight"],
+                               ft["model.layers.2.self_attn.v_proj.weight"], rtol=0, atol=2e-6)
+
+
+def test_reference_command_line_flags(models, tmp_path, capsys):
+    """The reference's flags: --no-embed-lora saves embedding and head whole, *-regex selects,
+    --sv-epsilon is absolute, --no-distribute-scale puts Σ into lora_A (same product)."""
+    from merge.lora_extract import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--model", str(models["ft"]), "--base-model", str(models["base"]),
+                  "--out-path", str(tmp_path / "a"), "--max-rank", "64", "--no-embed-lora",
+                  "--exclude-regex", r"layers\.3\.mlp", "--sv-epsilon", "1e-9",
+                  "--no-distribute-scale", "-q"])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert {"model.embed_tokens", "lm_head"} <= set(config["modules_to_save"])
+    assert not {"model.embed_tokens", "lm_head"} & set(config["target_modules"])
+    assert not any("layers.3.mlp" in m for m in config["target_modules"])
+    adapter = load_state(tmp_path / "a")
+    b = adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    torch.testing.assert_close(b.T @ b, torch.eye(b.shape[1]), atol=1e-5, rtol=0)  # B = U
+    merged, ft, base = peft_merged(models["base"], tmp_path / "a"), load_state(models["ft"]), \
+        load_state(models["base"])
+    for name, want in ft.items():
+        expect = base[name] if "layers.3.mlp" in name else want
+        torch.testing.assert_close(merged[name], expect, rtol=0, atol=2e-6)
+
+
+# --- every head style: PEFT unmerged, PEFT merged and base+adapter reproduce the fine-tune -----
+
+HEADS = {"untied": ("llama", {}), "tied-llama": ("llama", {"tie_word_embeddings": True}),
+         "tied-qwen2": ("qwen2", {"tie_word_embeddings": True}), "gemma": ("gemma", {}),
+         "gpt2": ("gpt2", {}), "gpt_neox": ("gpt_neox", {})}
+
+
+@pytest.mark.parametrize("style", list(HEADS))
+def test_full_rank_adapter_reproduces_the_finetune_three_ways(style, tmp_path):
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    arch, overrides = HEADS[style]
+    base = build_model(tmp_path / "base", arch=arch, seed=0, **overrides)
+    ft = perturb(base, tmp_path / "ft", seed=8)
+    extract(str(ft), str(base), str(tmp_path / "a"), max_rank=64)
+    ids = torch.randint(4, 124, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def logits(model):
+        with torch.no_grad():
+            return model.eval()(ids).logits
+
+    want = logits(AutoModelForCausalLM.from_pretrained(ft))
+    with warnings.catch_warnings():      # peft warns about adapters on tied models
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                               tmp_path / "a")
+        unmerged = logits(peft_model)
+        merged = logits(peft_model.merge_and_unload())
+    cfg = {"merge_method": "passthrough", "models": [{"model": f"{base}+{tmp_path / 'a'}"}]}
+    merge_to_folder(MergeConfig.from_dict(cfg), tmp_path / "ours", MergeOptions(quiet=True))
+    ours = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "ours"))
+    assert float((want - logits(AutoModelForCausalLM.from_pretrained(base))).abs().max()) > 1e-2
+    for how, got in (("peft unmerged", unmerged), ("peft merged", merged), ("base+adapter", ours)):
+        delta = float((got - want).abs().max())
+        assert delta < 1e-5, (style, how, delta)
+
+
+def test_gpt_neox_head_is_extracted_and_can_be_included(tmp_path):
+    base = build_model(tmp_path / "base", arch="gpt_neox", seed=0)
+    ft = perturb(base, tmp_path / "ft", seed=8)
+    # transformers loads the checkpoint's embed_out as the module lm_head; either name selects it
+    for pattern in ("embed_out", "lm_head"):
+        summary = extract(str(ft), str(base), str(tmp_path / pattern), max_rank=4,
+                          include=(pattern,))
+        assert list(summary) == ["lm_head"]
+        keys = set(load_state(tmp_path / pattern))
+        assert keys == {"base_model.model.lm_head.lora_A.weight",
+                        "base_model.model.lm_head.lora_B.weight"}
 
 
 # --- base+adapter inputs ---------------------------------------------------------------------------
@@ -213,6 +296,40 @@ def test_extracted_adapter_is_a_valid_input(models, tmp_path):
     src = ModelSource.open(f"{models['base']}+{tmp_path / 'a'}")
     for name, t in peft_merged(models["base"], tmp_path / "a").items():
         torch.testing.assert_close(src.read(name), t, rtol=0, atol=2e-6)
+
+
+def test_peft_head_lora_on_a_tied_base_updates_the_shared_matrix(tmp_path):
+    """A peft adapter on lm_head of a tied model: merge_and_unload adds it to the one matrix."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from merge.errors import EvomergeError
+
+    base = build_model(tmp_path / "base", tie_word_embeddings=True)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                               LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                          init_lora_weights=False))
+        model.save_pretrained(tmp_path / "a")
+        merged = {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}
+    src = ModelSource.open(f"{base}+{tmp_path / 'a'}")
+    assert "lm_head.weight" not in src.tensors
+    emb = src.read("model.embed_tokens.weight")
+    torch.testing.assert_close(emb, merged["lm_head.weight"], rtol=0, atol=1e-6)
+    assert not torch.equal(emb, load_state(base)["model.embed_tokens.weight"])
+    # A trained head copy (modules_to_save) would untie the model: refused, not dropped.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                               LoraConfig(r=4, target_modules=["q_proj"],
+                                          modules_to_save=["lm_head"]))
+        model.save_pretrained(tmp_path / "b")
+    with pytest.raises(EvomergeError, match="ties its head to the embedding"):
+        ModelSource.open(f"{base}+{tmp_path / 'b'}")
 
 
 def mergekit_yaml(tmp_path, ref):

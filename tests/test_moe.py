@@ -10,13 +10,16 @@ import pytest
 import torch
 import yaml
 
-from merge.moe.build import MoEOptions, build_moe
+from merge.engine import MergeOptions
+from merge.moe.build import build_moe
 from merge.moe.config import MoEConfig
 from tinymodels import build_model, load_state, perturb
 
 BIN = Path(sys.executable).parent
 OUTPUTS = {"llama": ("mixtral", "MixtralForCausalLM"), "mistral": ("mixtral", "MixtralForCausalLM"),
-           "qwen2": ("qwen2_moe", "Qwen2MoeForCausalLM"), "phi3": ("phimoe", "PhimoeForCausalLM")}
+           "qwen2": ("qwen2_moe", "Qwen2MoeForCausalLM"), "phi3": ("phimoe", "PhimoeForCausalLM"),
+           "qwen3": ("qwen3_moe", "Qwen3MoeForCausalLM")}
+DOWN_SCALE = {"qwen2": 0.5, "phi3": 0.5}
 PROMPTS = [(["w1 w2 w3", "w4 w5"], []),
            (["w40 w41 w42"], ["w1 w2"]),
            (["w90 w91", "w99 w100 w101"], [])]
@@ -60,7 +63,7 @@ def moe_config(models, gate_mode="hidden", k=2, **extra) -> dict:
 
 
 def build(cfg: dict, out: Path, **opts) -> Path:
-    return build_moe(MoEConfig.from_dict(cfg), out, MoEOptions(quiet=True, **opts))
+    return build_moe(MoEConfig.from_dict(cfg), out, MergeOptions(quiet=True, **opts))
 
 
 def load(out: Path):
@@ -101,14 +104,15 @@ def mlp_input_mean(model, layer: int, prompts: list[str], tokenizer) -> torch.Te
 
 # --- each output architecture -------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "qwen3"])
 def test_moe_loads_in_transformers_with_source_experts(arch, dense, tmp_path):
     models = dense(arch)
     out = build(moe_config(models), tmp_path / "moe")
     model = load(out)
     model_type, cls = OUTPUTS[arch]
     assert type(model).__name__ == cls and model.config.model_type == model_type
-    n_experts = model.config.num_experts if arch == "qwen2" else model.config.num_local_experts
+    n_experts = model.config.num_experts if arch.startswith("qwen") else \
+        model.config.num_local_experts
     assert n_experts == 3 and model.config.num_experts_per_tok == 2
 
     base = load_state(models["base"])
@@ -119,7 +123,8 @@ def test_moe_loads_in_transformers_with_source_experts(arch, dense, tmp_path):
         for e, state in enumerate(experts):   # experts' MLPs are copied exactly
             gate, up, down = dense_mlp(state, layer, arch)
             assert torch.equal(fused.gate_up_proj[e], torch.cat([gate, up]))
-            assert torch.equal(fused.down_proj[e], down)
+            # ... but for PhiMoE's two weights of 1 and Qwen2-MoE's ½ shared gate: down × ½
+            assert torch.equal(fused.down_proj[e], down * DOWN_SCALE.get(arch, 1.0))
         rows = router(block).detach()
         assert rows.shape == (3, 32)
         torch.testing.assert_close(rows.norm(dim=-1), torch.ones(3))
@@ -146,6 +151,62 @@ def test_moe_loads_in_transformers_with_source_experts(arch, dense, tmp_path):
     assert set(load_state(tmp_path / "resaved")) == set(load_state(out))
     generated = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=6, do_sample=False)
     assert generated.shape == (1, 9)
+
+
+# Every output type, dense model → MoE: the output architecture each dense type becomes.
+IDENTICAL = [("llama", "mixtral"), ("mistral", "mixtral"), ("qwen2", "qwen2_moe"),
+             ("qwen3", "qwen3_moe"), ("phi3", "phimoe")]
+
+
+def test_every_output_type_has_an_identical_experts_check():
+    from merge.moe.layouts import LAYOUTS
+
+    assert {t for _, t in IDENTICAL} == set(LAYOUTS)
+    assert {a for a, _ in IDENTICAL} == {a for lay in LAYOUTS.values() for a in lay.inputs}
+
+
+def norms_as_layernorm(model) -> None:
+    """PhiMoE normalises with LayerNorm where Phi-3 uses RMSNorm (no mean subtraction): the one
+    change the output architecture itself forces. Swap it into the dense model for comparison."""
+    for name, child in list(model.named_children()):
+        if type(child).__name__.endswith("RMSNorm"):
+            ln = torch.nn.LayerNorm(child.weight.shape[0], eps=child.variance_epsilon)
+            with torch.no_grad():
+                ln.weight.copy_(child.weight)
+                ln.bias.zero_()
+            setattr(model, name, ln)
+        else:
+            norms_as_layernorm(child)
+
+
+def identical_experts_delta(arch: str, models, out: Path, gate_mode="random") -> float:
+    """max |Δ logits| between the dense base and an MoE of three copies of it."""
+    from transformers import AutoModelForCausalLM
+
+    base = str(models["base"])
+    prompts = [(["w1 w2 w3"], []), (["w40 w41"], []), (["w90 w91 w92"], [])]
+    cfg = {"base_model": base, "gate_mode": gate_mode, "experts_per_token": 2,
+           "experts": [{"source_model": base, "positive_prompts": pos} for pos, _ in prompts]}
+    moe = load(build(cfg, out, random_seed=0))
+    dense_model = AutoModelForCausalLM.from_pretrained(base).eval()
+    if arch == "phi3":
+        norms_as_layernorm(dense_model)
+    ids = torch.randint(4, 124, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return float((moe(ids).logits - dense_model(ids).logits).abs().max())
+
+
+@pytest.mark.parametrize("arch, out_type", IDENTICAL)
+def test_identical_experts_reproduce_the_dense_model(arch, out_type, dense, tmp_path):
+    """The routing weights' sum is compensated exactly (PhiMoE: two weights of 1; Qwen2-MoE: the
+    ½ of its unprompted shared expert), so copies of one MLP behind any router are that MLP."""
+    delta = identical_experts_delta(arch, dense(arch), tmp_path / "moe")
+    assert delta < 1e-5, (arch, out_type, delta)
+
+
+def test_identical_experts_with_hidden_gates_phimoe(dense, tmp_path):
+    # Prompt-built gates route differently from random ones; the compensation does not care.
+    assert identical_experts_delta("phi3", dense("phi3"), tmp_path / "moe", "hidden") < 1e-5
 
 
 def test_hidden_gates_point_at_each_experts_prompts(dense, tmp_path):
@@ -200,6 +261,31 @@ def test_random_gates_are_seeded_unit_rows(dense, tmp_path):
     torch.testing.assert_close(a[key].norm(dim=-1), torch.ones(3))
 
 
+def test_uniform_random_gates_and_expert_residual_and_noise_scales(dense, tmp_path):
+    """Keys the reference accepts on every expert: residual_scale (× down_proj) and noise_scale
+    (Gaussian noise of that σ on the expert's MLP weights, seeded by --random-seed)."""
+    models = dense("llama")
+    cfg = moe_config(models, gate_mode="uniform_random")
+    cfg["experts"][0]["residual_scale"] = 0.25
+    cfg["experts"][1]["noise_scale"] = 0.01
+    a = load_state(build(cfg, tmp_path / "a", random_seed=3))
+    b = load_state(build(cfg, tmp_path / "b", random_seed=3))
+    e0, e1 = load_state(models["e0"]), load_state(models["e1"])
+    p = "model.layers.2.block_sparse_moe."
+    gate = a[p + "gate.weight"]
+    assert gate.abs().max() <= 32 ** -0.5 and torch.equal(gate, b[p + "gate.weight"])
+    assert gate.std() > 0.5 * 32 ** -0.5 / 3 ** 0.5     # uniform, not unit rows
+    torch.testing.assert_close(a[p + "experts.0.w2.weight"],
+                               0.25 * e0["model.layers.2.mlp.down_proj.weight"])
+    assert torch.equal(a[p + "experts.0.w1.weight"], e0["model.layers.2.mlp.gate_proj.weight"])
+    noise = a[p + "experts.1.w3.weight"] - e1["model.layers.2.mlp.up_proj.weight"]
+    assert 0.008 < float(noise.std()) < 0.012
+    assert torch.equal(a[p + "experts.1.w3.weight"], b[p + "experts.1.w3.weight"])
+    other = a["model.layers.1.block_sparse_moe.experts.1.w3.weight"] - \
+        e1["model.layers.1.mlp.up_proj.weight"]
+    assert not torch.allclose(noise, other)              # every tensor its own draw
+
+
 def test_qwen2_designated_shared_expert_with_prompts_and_scale(dense, tmp_path):
     models = dense("qwen2")
     shared = {"source_model": str(models["e2"]), "positive_prompts": ["w60 w61"],
@@ -207,8 +293,10 @@ def test_qwen2_designated_shared_expert_with_prompts_and_scale(dense, tmp_path):
     out = build(moe_config(models, shared_experts=[shared], dtype="float32"), tmp_path / "moe")
     model = load(out)
     assert model.config.shared_expert_intermediate_size == 64
-    e2 = load_state(models["e2"])
+    e2, e0 = load_state(models["e2"]), load_state(models["e0"])
     for i, layer in enumerate(model.model.layers):
+        # A prompted shared gate varies per token: the routed experts are not rescaled.
+        assert torch.equal(layer.mlp.experts.down_proj[0], dense_mlp(e0, i, "qwen2")[2])
         gate, up, down = dense_mlp(e2, i, "qwen2")
         torch.testing.assert_close(layer.mlp.shared_expert.down_proj.weight, 0.5 * down)
         assert torch.equal(layer.mlp.shared_expert.up_proj.weight, up)
@@ -219,13 +307,28 @@ def test_cli_builds_and_writes_config_copy(dense, tmp_path):
     models = dense("llama")
     cfg_path = tmp_path / "moe.yml"
     cfg_path.write_text(yaml.safe_dump(moe_config(models, dtype="bfloat16")))
-    r = subprocess.run([BIN / "mergekit-moe", cfg_path, tmp_path / "out", "-q"],
+    r = subprocess.run([BIN / "mergekit-moe", cfg_path, tmp_path / "out", "-q",
+                        "--i-understand-this-is-not-useful-without-training"],
                        capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr
     state = load_state(tmp_path / "out")
     assert {t.dtype for t in state.values()} == {torch.bfloat16}
     assert (tmp_path / "out" / "tokenizer.json").is_file()
     assert yaml.safe_load((tmp_path / "out" / "mergekit_moe_config.yml").read_text())["experts"]
+
+
+def test_architecture_key_takes_our_names_and_the_references():
+    from merge.errors import EvomergeError
+    from merge.moe.layouts import layout_for
+
+    assert layout_for("qwen2", "qwen").model_type == "qwen2_moe"       # reference: "Qwen MoE"
+    assert layout_for("qwen3", "Qwen3").model_type == "qwen3_moe"      # "Qwen3 MoE"
+    assert layout_for("qwen3", "qwen3_moe").model_type == "qwen3_moe"
+    assert layout_for("mistral", "MIXTRAL").model_type == "mixtral"
+    with pytest.raises(EvomergeError, match="becomes qwen2_moe, not mixtral"):
+        layout_for("qwen2", "mixtral")
+    with pytest.raises(EvomergeError, match="unknown output 'deepseek'"):
+        layout_for("llama", "deepseek")
 
 
 def test_example_configs_parse():

@@ -42,6 +42,11 @@ ARCH_KWARGS = {
                  intermediate_size=64, pad_token_id=3),
     "gpt_neox": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64),
     "gpt2": dict(n_embd=32, n_layer=4, n_head=4),
+    "qwen3": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, head_dim=8),
+    "mpt": dict(d_model=32, n_layers=4, n_heads=4, expansion_ratio=2),   # layer count: n_layers
+    "mixtral": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=64, num_local_experts=2),
 }
 
 
@@ -50,10 +55,12 @@ def make_config(arch: str = "llama", vocab_size: int = 128, **overrides):
 
     kwargs = dict(ARCH_KWARGS[arch])
     kwargs.update(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2)
-    if arch not in ("gpt2",):
-        kwargs.setdefault("max_position_embeddings", 128)
-    else:
+    if arch == "gpt2":
         kwargs["n_positions"] = 128
+    elif arch == "mpt":
+        kwargs["max_seq_len"] = 128
+    else:
+        kwargs.setdefault("max_position_embeddings", 128)
     kwargs.update(overrides)
     return AutoConfig.for_model(arch, **kwargs)
 

@@ -4,32 +4,29 @@ each expert donates its MLPs; the router rows come from prompts (see gates.py).
     plan_moe(config)                 headers only: models, architectures, sizes — every check
     build_moe(config, out, options)  compute the gates, then stream every tensor to a sharded folder
 
-Experts are copied, not merged: expert e's MLP weights in layer i are exactly source e's.
+Experts are copied, not merged: expert e's MLP weights in layer i are exactly source e's, except
+that the routed down projections are divided by the routing weights' per-token sum where the output
+architecture does not renormalise it to 1 (PhiMoE; Qwen2-MoE with its constant shared gate), so that
+an MoE of identical experts computes exactly the dense model's MLP (see layouts.py).
+
+Options are merge.engine.MergeOptions (device, random_seed, out_shard_size, copy_tokenizer,
+write_model_card, overwrite, quiet); the merge-only fields are ignored.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from merge.errors import ConfigError, EvomergeError
-from merge.moe.config import MoEConfig
+from merge.moe.config import RANDOM_MODES, MoEConfig
 from merge.moe.layouts import (DenseMLP, Layout, OutTensor, base_layer_tensors, base_outer_tensors,
                                check_base_config, layout_for, output_config)
 
+if TYPE_CHECKING:
+    from merge.engine import MergeOptions
 
 _CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
-
-
-@dataclass
-class MoEOptions:
-    device: str = "cpu"
-    random_seed: Optional[int] = None
-    out_shard_size: int = 5 * 10**9
-    copy_tokenizer: bool = True
-    write_model_card: bool = True
-    overwrite: bool = False
-    quiet: bool = False
 
 
 @dataclass
@@ -46,6 +43,7 @@ class MoEPlan:
     hf_config: Any                 # the output's transformers config
     dtype: str                     # output dtype name
     sources: dict[str, Any] = field(default_factory=dict)
+    routed_scale: float = 1.0      # factor on the routed experts' down projections
 
     @property
     def num_layers(self) -> int:
@@ -58,6 +56,12 @@ class MoEPlan:
                  f"{self.intermediate}",
                  f"experts: {len(self.experts)}, {self.config.experts_per_token} per token, gates: "
                  f"{self.config.gate_mode}"]
+        if self.layout.model_type == "phimoe":
+            lines.append("note: PhiMoE normalises with LayerNorm where Phi-3 uses RMSNorm, so the "
+                         "MoE is not the dense model even with identical experts")
+        if self.routed_scale != 1.0:
+            lines.append(f"routed down projections × {self.routed_scale:g} (the routing weights "
+                         f"sum to {1 / self.routed_scale:g} per token)")
         lines += [f"  [{i}] {e.source.ref}" for i, e in enumerate(self.experts)]
         if self.shared is not None:
             lines.append(f"shared expert: {self.shared.source.ref} (intermediate "
@@ -152,7 +156,27 @@ def plan_moe(cfg: MoEConfig) -> MoEPlan:
     hf_config = output_config(layout, base_cfg, n, cfg.experts_per_token, intermediate,
                               shared_intermediate, dtype, cfg.norm_topk_prob)
     return MoEPlan(cfg, layout, base, base_arch, experts, shared, hidden, intermediate,
-                   shared_intermediate, hf_config, dtype, sources)
+                   shared_intermediate, hf_config, dtype, sources, routed_scale(cfg, layout))
+
+
+def routed_scale(cfg: MoEConfig, layout: Layout) -> float:
+    """1 / (the routing weights' sum per token) where that sum is a known constant other than 1.
+
+    PhiMoE: its two picks weigh exactly 1 each. Qwen2-MoE: the routed weights sum to 1, and the
+    shared expert adds sigmoid(gate·x) of its own; an unprompted shared gate is 0, sigmoid(0) = ½
+    for every token, so the total is 1½ and the routed experts take ½ (the shared expert the other
+    ½). A prompted shared gate varies per token: nothing to compensate exactly, the routed
+    experts stay as they are (as in the reference toolkit).
+    """
+    total = layout.routed_weight_sum
+    if layout.shared_expert and not _shared_gate_prompted(cfg):
+        return 0.5
+    return 1.0 / total
+
+
+def _shared_gate_prompted(cfg: MoEConfig) -> bool:
+    return bool(cfg.gate_mode not in RANDOM_MODES and cfg.shared_experts
+                and cfg.shared_experts[0].positive_prompts)
 
 
 def _base_dtype(base) -> str:
@@ -164,7 +188,7 @@ def _base_dtype(base) -> str:
     return {v: k for k, v in _CODES.items()}.get(code, "float32")
 
 
-def compute_gates(plan: MoEPlan, options: MoEOptions):
+def compute_gates(plan: MoEPlan, options: "MergeOptions"):
     """(layers, experts, hidden) router rows and the optional (layers, 1, hidden) shared gate."""
     from merge.moe import gates
 
@@ -176,18 +200,49 @@ def compute_gates(plan: MoEPlan, options: MoEOptions):
     elif cfg.gate_mode == "cheap_embed":
         g, sg = gates.cheap_embed_gates(plan.base, plan.base_arch, cfg.experts, plan.num_layers,
                                         shared_cfg)
+    elif cfg.gate_mode == "uniform_random":
+        g, sg = gates.uniform_random_gates(len(cfg.experts), plan.hidden, plan.num_layers,
+                                           options.random_seed)
     else:
         g, sg = gates.random_gates(len(cfg.experts), plan.hidden, plan.num_layers,
                                    options.random_seed)
-    if cfg.gate_mode != "random":
+    if cfg.gate_mode not in RANDOM_MODES:
         gates.check_distinct(g, cfg.gate_mode)
     return g, sg
 
 
-def output_tensors(plan: MoEPlan, gates, shared_gate) -> list[OutTensor]:
+def _expert_weight(produce, name: str, expert, scale: float, seed: Optional[int]):
+    """An expert's MLP weight with its `noise_scale` noise (seeded per tensor name, so independent
+    of the order tensors are written in) and, for down_proj, the factor `scale`."""
+    noise = expert.noise_scale if expert is not None else None
+    if not noise and scale == 1.0:
+        return produce
+
+    def make():
+        import zlib
+
+        import torch
+
+        t = produce()
+        if noise:
+            from merge.moe.gates import _seed
+
+            g = torch.Generator().manual_seed(_seed(seed) ^ zlib.crc32(name.encode()))
+            t = t.float() + torch.randn(t.shape, generator=g) * noise
+        # fp32 product, rounded once on writing; ½ (the routing compensation) is exact
+        return t.float() * scale if scale != 1.0 else t
+    return make
+
+
+def output_tensors(plan: MoEPlan, gates, shared_gate, seed: Optional[int] = None
+                   ) -> list[OutTensor]:
     import torch
 
-    lay, arch = plan.layout, plan.base_arch
+    lay, arch, cfg = plan.layout, plan.base_arch, plan.config
+    if seed is None and any(e.noise_scale for e in [*cfg.experts, *(cfg.shared_experts or [])]):
+        from merge.moe.gates import _seed
+
+        seed = _seed(None)   # one draw for the whole build
     out = base_outer_tensors(lay, plan.base, arch.pre)
     n = len(plan.experts)
     for i in range(plan.num_layers):
@@ -195,22 +250,25 @@ def output_tensors(plan: MoEPlan, gates, shared_gate) -> list[OutTensor]:
         block = f"{lay.block}."
         out.append(OutTensor(arch.layer_tensor(i, block + lay.router), (n, plan.hidden),
                              lambda i=i: gates[i]))
-        for e, mlp in enumerate(plan.experts):
+        for e, (mlp, expert) in enumerate(zip(plan.experts, cfg.experts)):
             parts = mlp.parts(i)
             for part, leaf in zip(("gate", "up", "down"), lay.expert_names):
-                out.append(OutTensor(arch.layer_tensor(i, f"{block}experts.{e}.{leaf}"),
-                                     parts[part].shape, parts[part].produce))
+                name = arch.layer_tensor(i, f"{block}experts.{e}.{leaf}")
+                scale = plan.routed_scale * (expert.residual_scale or 1.0) if part == "down" \
+                    else 1.0
+                out.append(OutTensor(name, parts[part].shape,
+                                     _expert_weight(parts[part].produce, name, expert, scale,
+                                                    seed)))
         if plan.shared is not None:
             parts = plan.shared.parts(i)
-            scale = None
-            if plan.config.shared_experts:
-                scale = plan.config.shared_experts[0].residual_scale
+            expert = cfg.shared_experts[0] if cfg.shared_experts else None
             for part in ("gate", "up", "down"):
-                produce = parts[part].produce
-                if part == "down" and scale is not None:
-                    produce = (lambda p=produce, s=scale: p().float() * s)
-                out.append(OutTensor(arch.layer_tensor(i, f"mlp.shared_expert.{part}_proj.weight"),
-                                     parts[part].shape, produce))
+                name = arch.layer_tensor(i, f"mlp.shared_expert.{part}_proj.weight")
+                scale = (expert.residual_scale or 1.0) if expert is not None and part == "down" \
+                    else 1.0
+                out.append(OutTensor(name, parts[part].shape,
+                                     _expert_weight(parts[part].produce, name, expert, scale,
+                                                    seed)))
             # Without prompts the shared gate is 0: sigmoid(0) = ½ for every token.
             produce = ((lambda i=i: shared_gate[i]) if shared_gate is not None
                        else (lambda: torch.zeros(1, plan.hidden)))
@@ -220,16 +278,17 @@ def output_tensors(plan: MoEPlan, gates, shared_gate) -> list[OutTensor]:
     return out
 
 
-def build_moe(cfg: MoEConfig, out_dir, options: Optional[MoEOptions] = None,
+def build_moe(cfg: MoEConfig, out_dir, options: Optional["MergeOptions"] = None,
               plan: Optional[MoEPlan] = None) -> Path:
     import torch
     import yaml
     from tqdm import tqdm
 
+    from merge.engine import MergeOptions
     from merge.sources import ST_ITEMSIZE
     from merge.writer import AtomicFolder, ShardedWriter, check_output_folder
 
-    options = options or MoEOptions()
+    options = options or MergeOptions()
     out_dir = Path(out_dir)
     plan = plan or plan_moe(cfg)
     check_output_folder(out_dir, options.overwrite, [s.folder for s in plan.sources.values()])
@@ -237,7 +296,7 @@ def build_moe(cfg: MoEConfig, out_dir, options: Optional[MoEOptions] = None,
         raise EvomergeError(f"--device: '{options.device}' requested but no CUDA GPU is "
                             f"available; drop --cuda/--device")
     gates, shared_gate = compute_gates(plan, options)
-    tensors = output_tensors(plan, gates, shared_gate)
+    tensors = output_tensors(plan, gates, shared_gate, options.random_seed)
     dtype = getattr(torch, plan.dtype)
     code = _CODES[plan.dtype]
     specs = []

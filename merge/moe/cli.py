@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import click
 
-from merge.cli import fail
-from merge.errors import EvomergeError
+from merge.command import options, run_build
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,40 +18,38 @@ from merge.errors import EvomergeError
 @click.option("--random-seed", type=int, default=None, help="Seed for gate_mode: random.")
 @click.option("--write-model-card/--no-write-model-card", default=True, show_default=True)
 @click.option("--lazy-unpickle", is_flag=True, help="Accepted for compatibility; loading is always lazy.")
+@click.option("--i-understand-this-is-not-useful-without-training", "all_same_ok", is_flag=True,
+              help="Accepted for compatibility: identical experts are never refused here.")
 @click.option("--dry-run", is_flag=True, help="Validate, print the layout, load no tensor.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("-v", "--verbose", is_flag=True, help="Print the layout before building.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def cli(config_file, out_dir, cuda, device, out_shard_size, copy_tokenizer, random_seed,
-        write_model_card, lazy_unpickle, dry_run, overwrite, verbose, quiet):
+        write_model_card, lazy_unpickle, all_same_ok, dry_run, overwrite, verbose, quiet):
     """Build a mixture-of-experts model from the dense models CONFIG lists into OUT_DIR."""
-    from merge.moe.config import load_moe_config
-    from merge.writer import check_output_folder, parse_size
 
-    try:
-        if cuda and device and not device.startswith("cuda"):
-            raise EvomergeError(f"--cuda conflicts with --device {device}; give one of them")
-        from merge.moe.build import MoEOptions, build_moe, plan_moe
+    def make_options():
+        return options(cuda, device, out_shard_size, random_seed=random_seed,
+                       copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
+                       overwrite=overwrite, quiet=quiet)
 
-        options = MoEOptions(device=device or ("cuda" if cuda else "cpu"),
-                             random_seed=random_seed, out_shard_size=parse_size(out_shard_size),
-                             copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
-                             overwrite=overwrite, quiet=quiet)
-        config = load_moe_config(config_file)
-        if not dry_run:
-            check_output_folder(out_dir, overwrite, [])
-        plan = plan_moe(config)
-        if dry_run or verbose:
-            click.echo(plan.summary())
-        if dry_run:
-            return
-        build_moe(config, out_dir, options, plan=plan)
-    except EvomergeError as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        fail("interrupted; nothing was written to OUT_DIR")
-    if not quiet:
-        click.echo(f"wrote {out_dir}")
+    def load():
+        from merge.moe.config import load_moe_config
+
+        return load_moe_config(config_file)
+
+    def plan(config, opts):
+        from merge.moe.build import plan_moe
+
+        return plan_moe(config)
+
+    def build(config, opts, the_plan):
+        from merge.moe.build import build_moe
+
+        build_moe(config, out_dir, opts, plan=the_plan)
+
+    run_build(out_dir, load=load, plan=plan, build=build, make_options=make_options,
+              dry_run=dry_run, verbose=verbose)
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from merge.config import _one_line, canonical_dtype
 from merge.errors import ConfigError
 
-GATE_MODES = ("hidden", "cheap_embed", "random")
+GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random")
+RANDOM_MODES = ("random", "uniform_random")
 
 
 class _Strict(BaseModel):
@@ -30,6 +31,8 @@ class Expert(_Strict):
     source_model: str
     positive_prompts: list[str] = Field(default_factory=list)
     negative_prompts: list[str] = Field(default_factory=list)
+    residual_scale: Optional[float] = None   # scales the expert's output (its down_proj)
+    noise_scale: Optional[float] = Field(default=None, ge=0)  # σ of seeded noise on its MLP weights
 
     _prompts = field_validator("positive_prompts", "negative_prompts", mode="before")(
         lambda cls, v: _prompt_list(v))
@@ -46,18 +49,18 @@ class Expert(_Strict):
 
 
 class SharedExpert(Expert):
-    residual_scale: Optional[float] = None   # scales the shared expert's output (its down_proj)
+    pass
 
 
 class MoEConfig(_Strict):
     base_model: str
     experts: list[Expert] = Field(min_length=1)
-    gate_mode: Literal["hidden", "cheap_embed", "random"] = "hidden"
+    gate_mode: Literal["hidden", "cheap_embed", "random", "uniform_random"] = "hidden"
     experts_per_token: int = 2
     dtype: Optional[str] = None
     shared_experts: Optional[list[SharedExpert]] = None
-    architecture: Optional[str] = None      # mixtral | qwen2_moe | phimoe; inferred from the base
-    norm_topk_prob: Optional[bool] = None   # qwen2_moe: renormalise the top-k routing weights
+    architecture: Optional[str] = None      # mixtral | qwen2_moe | qwen3_moe | phimoe (from the base)
+    norm_topk_prob: Optional[bool] = None   # qwen2/3_moe: renormalise the top-k routing weights
     tokenizer_source: Optional[str] = None  # accepted for compatibility; only "base" is supported
 
     @field_validator("base_model", mode="before")

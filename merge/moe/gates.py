@@ -169,11 +169,7 @@ def cheap_embed_gates(base, arch, experts, num_layers: int, shared=None):
 def random_gates(num_experts: int, hidden: int, num_layers: int, seed: Optional[int]):
     import torch
 
-    if seed is None:
-        import random
-
-        seed = random.SystemRandom().getrandbits(63)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(_seed(seed))
     v = torch.randn(num_layers, num_experts, hidden, generator=g)
     return v / v.norm(dim=-1, keepdim=True), None
 
@@ -190,3 +186,20 @@ def check_distinct(gates, mode: str) -> None:
         raise EvomergeError(f"experts: every expert got the same {mode} gate although the prompts "
                             f"differ — do the prompts tokenize to the same tokens (unknown "
                             f"words)? Use prompts in the base model's vocabulary")
+
+
+def uniform_random_gates(num_experts: int, hidden: int, num_layers: int, seed: Optional[int]):
+    """torch.nn.Linear's default initialisation: U(−1/√hidden, 1/√hidden), not normalised."""
+    import torch
+
+    g = torch.Generator().manual_seed(_seed(seed))
+    bound = hidden ** -0.5
+    return (torch.rand(num_layers, num_experts, hidden, generator=g) * 2 - 1) * bound, None
+
+
+def _seed(seed: Optional[int]) -> int:
+    if seed is None:
+        import random
+
+        return random.SystemRandom().getrandbits(63)
+    return seed

@@ -7,9 +7,20 @@ versions read them as they are), so the output loads in either without remote co
     mixtral   (from llama, mistral)  layers.i.block_sparse_moe.{gate, experts.e.w1|w2|w3}
     qwen2_moe (from qwen2)           layers.i.mlp.{gate, experts.e.*_proj, shared_expert.*_proj,
                                                    shared_expert_gate}
+    qwen3_moe (from qwen3)           layers.i.mlp.{gate, experts.e.*_proj}
     phimoe    (from phi3)            as mixtral; Phi-3's fused qkv_proj and gate_up_proj are split
 
 w1 = gate_proj, w3 = up_proj, w2 = down_proj.
+
+Routing weights. Mixtral and Qwen3-MoE (norm_topk_prob) renormalise the chosen experts' weights to
+sum to 1, so an MoE of identical experts is the dense model. Two outputs do not, and the assembly
+compensates exactly by scaling the routed experts' down projections (a power of two: exact in
+floating point):
+  * PhiMoE's sparsemixer gives each of its two chosen experts a weight of its own, both exactly 1
+    with router_jitter_noise 0 (which the output config sets): routed down_proj × ½.
+  * Qwen2-MoE adds sigmoid(gate·x)·shared_expert(x). With an unprompted shared expert the gate row
+    is 0, sigmoid(0) = ½ for every token: routed down_proj × ½, so that the routed mixture and the
+    shared expert each weigh ½. A prompted shared gate varies per token and is not compensated.
 """
 from __future__ import annotations
 
@@ -83,6 +94,9 @@ class Layout:
     expert_names: tuple[str, str, str]   # gate, up, down names inside experts.e.
     shared_expert: bool = False
     fixed_top_k: Optional[int] = None    # PhiMoE's sparsemixer always picks 2
+    # Sum of the routed experts' weights per token, when the router does not renormalise it to 1
+    # (PhiMoE: two weights of exactly 1); the routed down projections are divided by it.
+    routed_weight_sum: float = 1.0
 
 
 LAYOUTS = {
@@ -91,23 +105,35 @@ LAYOUTS = {
     "qwen2_moe": Layout("qwen2_moe", "Qwen2MoeForCausalLM", ("qwen2",), "mlp", "gate.weight",
                         ("gate_proj.weight", "up_proj.weight", "down_proj.weight"),
                         shared_expert=True),
+    "qwen3_moe": Layout("qwen3_moe", "Qwen3MoeForCausalLM", ("qwen3",), "mlp", "gate.weight",
+                        ("gate_proj.weight", "up_proj.weight", "down_proj.weight")),
     "phimoe": Layout("phimoe", "PhimoeForCausalLM", ("phi3",), "block_sparse_moe", "gate.weight",
-                     ("w1.weight", "w3.weight", "w2.weight"), fixed_top_k=2),
+                     ("w1.weight", "w3.weight", "w2.weight"), fixed_top_k=2,
+                     routed_weight_sum=2.0),
 }
+
+
+# The reference toolkit's output names; its `architecture:` key matches them by prefix, any case.
+REFERENCE_NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen MoE", "qwen3_moe": "Qwen3 MoE",
+                   "phimoe": "PhiMoE"}
 
 
 def layout_for(base_type: str, requested: Optional[str]) -> Layout:
     by_input = {t: lay for lay in LAYOUTS.values() for t in lay.inputs}
-    if requested is not None and requested not in LAYOUTS:
-        raise EvomergeError(f"architecture: unknown output '{requested}'; use one of "
-                            f"{', '.join(LAYOUTS)}")
+    wanted = None
+    if requested is not None:
+        r = requested.strip().lower()
+        wanted = {k for k in LAYOUTS if k == r or REFERENCE_NAMES[k].lower().startswith(r)}
+        if not wanted:
+            raise EvomergeError(f"architecture: unknown output '{requested}'; use one of "
+                                f"{', '.join(LAYOUTS)}")
     layout = by_input.get(base_type)
     if layout is None:
         supported = ", ".join(f"{'/'.join(lay.inputs)} → {lay.model_type}"
                               for lay in LAYOUTS.values())
         raise EvomergeError(f"base_model: architecture '{base_type}' is not supported for MoE "
                             f"merges (supported: {supported})")
-    if requested is not None and requested != layout.model_type:
+    if wanted is not None and layout.model_type not in wanted:
         raise EvomergeError(f"architecture: a {base_type} base model becomes {layout.model_type}, "
                             f"not {requested}; remove the key or change the base model")
     return layout
@@ -212,9 +238,17 @@ def output_config(layout: Layout, base_cfg, n_experts: int, top_k: int, intermed
                       shared_expert_intermediate_size=shared_intermediate,
                       decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True,
                       norm_topk_prob=True if norm_topk_prob is None else norm_topk_prob)
+    elif layout.model_type == "qwen3_moe":
+        kwargs.update(num_experts=n_experts, num_experts_per_tok=top_k,
+                      moe_intermediate_size=intermediate, decoder_sparse_step=1,
+                      mlp_only_layers=[],
+                      norm_topk_prob=True if norm_topk_prob is None else norm_topk_prob)
     elif layout.model_type == "phimoe":
+        # router_jitter_noise 0: the sparsemixer keeps only the top expert in each of its two
+        # picks, so both weights are exactly 1 (see routed_weight_sum).
         kwargs.update(num_local_experts=n_experts, num_experts_per_tok=top_k,
-                      attention_bias=False, lm_head_bias=False, input_jitter_noise=0.0)
+                      attention_bias=False, lm_head_bias=False, input_jitter_noise=0.0,
+                      router_jitter_noise=0.0)
         rope = dict(kwargs.get("rope_parameters") or {})
         rope.pop("partial_rotary_factor", None)
         if rope.get("rope_type", "default") != "default":
@@ -228,9 +262,9 @@ def output_config(layout: Layout, base_cfg, n_experts: int, top_k: int, intermed
             rope.setdefault("long_mscale", m)
             rope["original_max_position_embeddings"] = original
         kwargs["rope_parameters"] = rope
-    if norm_topk_prob is not None and layout.model_type != "qwen2_moe":
-        raise EvomergeError(f"norm_topk_prob: only Qwen2-MoE has this setting; {layout.model_type} "
-                            f"has no such setting")
+    if norm_topk_prob is not None and layout.model_type not in ("qwen2_moe", "qwen3_moe"):
+        raise EvomergeError(f"norm_topk_prob: only Qwen2-MoE and Qwen3-MoE have this setting; "
+                            f"{layout.model_type} has no such setting")
     cfg = AutoConfig.for_model(layout.model_type, **kwargs)
     cfg.architectures = [layout.class_name]
     cfg.dtype = dtype
