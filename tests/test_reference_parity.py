@@ -39,9 +39,10 @@ def parity_run(tmp_path_factory):
 def test_reference_parity(parity_run, case_id):
     cmp = harness.compare_case(parity_run, case_id)
     case = parity_run.cases[case_id]
-    assert cmp.ok, (f"{case_id} ({case.description}) differs from the reference "
-                    f"[{case.parity}] in {len(cmp.problems)} of {cmp.tensors} tensors/checks:\n"
-                    + cmp.report())
+    if not cmp.ok:
+        pytest.fail(f"{case_id} ({case.description}) differs from the reference [{case.parity}]: "
+                    f"{len(cmp.problems)} problems, {cmp.tensors} tensors compared\n"
+                    + cmp.report(), pytrace=False)
 
 
 def test_corpus_is_wide():
