@@ -22,7 +22,11 @@ CASES = harness.load_corpus()
 
 
 @pytest.fixture(scope="module")
-def parity_run(tmp_path_factory):
+def parity_run(request, tmp_path_factory):
+    """Both tools over the selected cases (all of them, unless -k picked some), once."""
+    selected = {item.callspec.params["case_id"] for item in request.session.items
+                if getattr(item, "callspec", None) and "case_id" in item.callspec.params}
+    cases = [c for c in CASES if c.id in selected] or CASES
     try:
         reference_python = harness.ensure_reference()
     except harness.ReferenceUnavailable as e:
@@ -30,8 +34,8 @@ def parity_run(tmp_path_factory):
             pytest.skip(f"reference toolkit not installed, registry unreachable: {e}")
         raise
     families = harness.build_families(tmp_path_factory.mktemp("ref-families"),
-                                      set().union(*(c.families for c in CASES)))
-    return harness.run_cases(CASES, tmp_path_factory.mktemp("ref-parity"), families,
+                                      set().union(*(c.families for c in cases)))
+    return harness.run_cases(cases, tmp_path_factory.mktemp("ref-parity"), families,
                              reference_python)
 
 

@@ -34,7 +34,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,7 +346,8 @@ def compare_tensors(ref: dict, ours: dict, parity: str = "exact", max_ulp: int =
         d = (x - y).abs()
         scale = max(float(x.abs().max()) if x.numel() else 0.0, 1e-6)
         if d.numel() and float(d.max()) > RTOL * scale:
-            cmp.problems.append(f"{name}: max|d| {float(d.max()):.3e} = {float(d.max()) / scale:.2e}"
+            worst = float(d.max())
+            cmp.problems.append(f"{name}: max|d| {worst:.3e} = {worst / scale:.2e}"
                                 f" rel (max|ref| {scale:.3e}); "
                                 f"{float((d > RTOL * scale).double().mean()):.2%} of elements")
     if parity == "ulp" or worst_ulp:
@@ -479,7 +479,8 @@ def compare_configs(ref_dir: Path, our_dir: Path) -> list[str]:
 
     r, o = load(ref_dir), load(our_dir)
     if r is None or o is None:
-        return [] if r is o else [f"config.json: only in {'ours' if r is None else 'the reference'}"]
+        where = "ours" if r is None else "the reference"
+        return [] if r is o else [f"config.json: only in {where}"]
     problems = []
     keys = ["architectures", "model_type", "num_hidden_layers", "n_layer", "num_layers",
             "vocab_size", "hidden_size", "n_embd", "intermediate_size", "num_attention_heads",
@@ -538,8 +539,8 @@ def compare_tokenizers(ref_dir: Path, our_dir: Path) -> tuple[list[str], Optiona
         return {content: special for content, (_, special) in added.items()}
     if without_ids(r["added"]) != without_ids(o["added"]) or \
             (permutation is None and r["added"] != o["added"]):
-        problems.append(f"tokenizer: added tokens differ: reference {sorted(r['added'].items())[:8]}"
-                        f", ours {sorted(o['added'].items())[:8]}")
+        problems.append(f"tokenizer: added tokens differ: reference "
+                        f"{sorted(r['added'].items())[:8]}, ours {sorted(o['added'].items())[:8]}")
     if r["special"] != o["special"]:
         problems.append(f"tokenizer: special tokens reference {r['special']}, ours {o['special']}")
     if r["chat_template"] != o["chat_template"]:
