@@ -35,14 +35,40 @@ def parity_run(request, tmp_path_factory):
         raise
     families = harness.build_families(tmp_path_factory.mktemp("ref-families"),
                                       set().union(*(c.families for c in cases)))
-    return harness.run_cases(cases, tmp_path_factory.mktemp("ref-parity"), families,
-                             reference_python)
+    run = harness.run_cases(cases, tmp_path_factory.mktemp("ref-parity"), families,
+                            reference_python)
+    run.comparisons = {}
+    yield run
+    _summary(request.config, run)
+
+
+def _summary(config, run):
+    """One block in the terminal: the corpus size, what failed, the half-precision ulp."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or not run.comparisons:
+        return
+    done = run.comparisons
+    failing = sorted(k for k, c in done.items() if not c.ok)
+    ulps = ", ".join(f"{k} {c.max_ulp:.0f}" for k, c in sorted(done.items())
+                     if c.max_ulp is not None)
+    lines = [f"reference parity (mergekit 0.1.5): {len(done)} configs, "
+             f"{sum(c.tensors for c in done.values())} tensors compared, {len(failing)} differing;"
+             f" reference {run.seconds['reference']:.0f} s, ours {run.seconds['ours']:.0f} s "
+             f"(side by side)"]
+    if ulps:
+        lines.append(f"  max ulp, half precision: {ulps}")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # teardown output is captured otherwise
+        reporter.write_line("")
+        for line in lines:
+            reporter.write_line(line)
 
 
 @pytest.mark.parametrize("case_id", [c.id for c in CASES])
 def test_reference_parity(parity_run, case_id):
     cmp = harness.compare_case(parity_run, case_id)
     case = parity_run.cases[case_id]
+    parity_run.comparisons[case_id] = cmp
     if not cmp.ok:
         pytest.fail(f"{case_id} ({case.description}) differs from the reference [{case.parity}]: "
                     f"{len(cmp.problems)} problems, {cmp.tensors} tensors compared\n"

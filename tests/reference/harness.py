@@ -137,6 +137,9 @@ def build_families(root: Path, names) -> Path:
 
     import tinymodels
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no loading/writing bars in the test output
     root = Path(root)
     for name in sorted(names):
         spec = dict(FAMILIES[name])
@@ -243,10 +246,16 @@ def run_cases(cases: list[Case], workdir: Path, family_root: Path, reference_pyt
         procs[tool] = (p, start, rf, log)
         if not parallel:
             p.wait()
+    pending = set(procs)
+    while pending:  # note when each one finishes: the two run side by side
+        for tool in sorted(pending):
+            p, start, _, _ = procs[tool]
+            if p.poll() is not None:
+                run.seconds[tool] = time.perf_counter() - start
+                pending.discard(tool)
+        time.sleep(0.05)
     for tool, (p, start, rf, log) in procs.items():
-        p.wait()
         log.close()
-        run.seconds[tool] = time.perf_counter() - start
         run.results[tool] = json.loads(rf.read_text()) if rf.exists() else {}
         if p.returncode:
             tail = (workdir / f"{tool}.log").read_text()[-1500:]
