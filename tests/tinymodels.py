@@ -112,3 +112,25 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(path).glob("*.safetensors")):
         state.update(load_file(f))
     return state
+
+
+def extend_vocab(src: Path, dst: Path, tokens: list[str], seed: int, rows: int | None = None,
+                 chat_template: str | None = None, scale: float = 0.02) -> Path:
+    """A child of `src` whose tokenizer has `tokens` appended and whose embedding (and head) has
+    `rows` rows (default: exactly the new tokenizer length), then seeded noise as in `perturb`.
+    Optionally the child's tokenizer carries `chat_template`."""
+    from transformers import AutoModelForCausalLM
+
+    tok = make_tokenizer(tokens)
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    model = AutoModelForCausalLM.from_pretrained(src)
+    torch.manual_seed(seed)
+    model.resize_token_embeddings(rows or len(tok), mean_resizing=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return Path(dst)
