@@ -130,7 +130,8 @@ def test_required_parameters_that_do_not_evolve_are_fixed(family):
     space = space_for(genome_for("ties", family, parameters=["density"],
                                  fixed_parameters={"lambda": 0.8}))
     cfg = space.decode(space.initial_vector())
-    assert cfg["parameters"] == {"lambda": 0.8, "weight": 1.0}
+    # normalize: left out of the genome, on for ties as in the reference tool
+    assert cfg["parameters"] == {"normalize": True, "lambda": 0.8, "weight": 1.0}
     MergeConfig.from_dict(cfg)
 
 
@@ -141,7 +142,11 @@ def test_required_parameters_that_do_not_evolve_are_fixed(family):
       "parameters": ["scale"]}, "genome.parameters.scale", "no default search range"),
     ({"merge_method": "nope"}, "genome.merge_method", "unknown method"),
     ({"merge_method": "ties", "base_model": None}, "genome.base_model", "needs a base model"),
-    ({"merge_method": "slerp"}, "genome.models", "exactly 1 model"),
+    ({"merge_method": "slerp"}, "genome.base_model", "picks both endpoints"),
+    ({"merge_method": "slerp", "base_model": None, "models": ["c0"]}, "genome.models",
+     "at least two"),
+    ({"merge_method": "slerp", "base_model": None, "filters": ["mlp"]}, "genome.filters",
+     "no filters"),
     ({"layer_granularity": 3}, "genome.layer_granularity", "does not divide the 4 layers"),
     ({"parameters": ["gamma"]}, "genome.parameters.gamma", "has no parameter"),
     ({"parameters": ["normalize"]}, "genome.parameters.normalize", "switch"),

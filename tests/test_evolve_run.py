@@ -43,8 +43,8 @@ def test_search_runs_to_completion_and_writes_every_output(
     path = make_genome(tmp_path / "g.yaml", genome(family), limit=16)
     storage = tmp_path / "run"
     code, out, err = run_cli([path, "--storage-path", storage, "--task-search-path", toy_task_dir,
-                              "--workers", 2, "--popsize", 4, "--max-fevals", 8, "--seed", 3],
-                             capsys)
+                              "--workers", 2, "--popsize", 4, "--max-fevals", 8, "--seed", 3,
+                              "--wandb"], capsys)
     assert code == 0, err
     assert "stopped (max-fevals) after 8 evaluations, 2 generation(s)" in out
 
@@ -165,7 +165,7 @@ def test_bad_inputs_fail_in_one_line_before_any_worker_starts(
         "unreachable_ray": "--ray-address: nothing answers at 127.0.0.1:1",
         "vllm": "--backend vllm: vLLM is not installed",
         # without CUDA the local run stops at --device; with one GPU, at Ray's resources
-        "too_many_gpus": ("--workers: 2 worker(s) × 1 GPU need 2 GPU but the Ray cluster has"
+        "too_many_gpus": ("--workers: 2 worker(s) × 1 GPU need 2 GPU but this machine has"
                           if torch.cuda.is_available() else
                           "--device: cuda requested but this machine has no CUDA GPU"),
         "different_genome": "--resume: ",
