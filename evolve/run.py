@@ -100,6 +100,37 @@ class _SignalGuard:
         self.saved = {}
 
 
+RAY_DIR_PREFIX = "evomerge-ray-"     # evolve.workers.RaySession's private temp folders
+
+
+def sweep_stale_ray_dirs(roots=None, min_age: float = 120.0) -> list[Path]:
+    """Remove the Ray temp folders of local runs that were killed (kill -9 leaves them): ours
+    by name, older than `min_age` seconds, and named by no live process (every running Ray
+    session has its folder in its raylet's and GCS server's command lines)."""
+    import shutil
+    import tempfile
+
+    roots = roots or list(dict.fromkeys([tempfile.gettempdir(), "/tmp"]))
+    candidates = [p for root in roots if os.path.isdir(root)
+                  for p in Path(root).glob(RAY_DIR_PREFIX + "*")
+                  if p.is_dir() and not p.is_symlink() and p.stat().st_uid == os.getuid()
+                  and time.time() - p.stat().st_mtime > min_age]
+    if not candidates:
+        return []
+    alive = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            alive.append((proc / "cmdline").read_bytes())
+        except OSError:
+            continue
+    removed = []
+    for p in candidates:
+        if not any(str(p).encode() in cmd for cmd in alive):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def local_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -363,6 +394,8 @@ class Run:
             import torch
 
             num_gpus = torch.cuda.device_count()
+        if not opts.ray_address:
+            sweep_stale_ray_dirs()
         t0 = time.perf_counter()
         # sized to this machine (check_local_placement refused what does not fit), never to the
         # request: Ray would otherwise start every worker on a machine that cannot run them

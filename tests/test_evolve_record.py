@@ -283,15 +283,16 @@ def test_history_faults_keep_every_readable_record_and_resume_exactly(
     before = records(runs / "faults")
     assert len(before) == 10                       # generation 2 in flight: 2 of 4 done
     assert all(before[k] == want[k] for k in before)
-    for name in ("damaged", "emptied", "torn"):
+    for name in ("damaged", "emptied"):
         shutil.copytree(runs / "faults", runs / name)
     resume = ["--resume", "--no-merge-best"]
 
-    # 1. a damaged middle line: named, nothing changed, until --repair-history keeps the rest
+    # 1. a damaged middle line, and a last line torn by a kill: the damage is named and nothing
+    # changes, until --repair-history keeps every readable record; the torn line is dropped
     history = runs / "damaged" / "history.jsonl"
     lines = history.read_bytes().splitlines(keepends=True)
     lines[2] = b'{"generation": 0, "ind\x00\x00garbage\n'
-    history.write_bytes(b"".join(lines))
+    history.write_bytes(b"".join(lines)[:-25])
     damaged = history.read_bytes()
     code, _, err = evolve(*args_for(genome_file, project, "damaged", *resume))
     assert code == 2
@@ -300,11 +301,11 @@ def test_history_faults_keep_every_readable_record_and_resume_exactly(
     assert history.read_bytes() == damaged
     code, _, err = evolve(*args_for(genome_file, project, "damaged", *resume, "--repair-history"))
     assert code == 0, err
-    assert "moved 1 damaged line(s)" in err
+    assert "moved 1 damaged line(s) of history.jsonl (line 3, 10)" in err
     side = (runs / "damaged" / "history.jsonl.damaged").read_bytes()
-    assert lines[2] in side
+    assert lines[2] in side and lines[9][:-25] in side
     got = records(runs / "damaged")
-    assert (0, 2) not in got and len(got) == FEVALS
+    assert (0, 2) not in got and (2, 1) in got and len(got) == FEVALS
     _assert_same_evaluations(got, want, lost={(0, 2)})
 
     # 2. an emptied history next to the checkpoint: refused; confirmed, the best is kept
@@ -321,13 +322,26 @@ def test_history_faults_keep_every_readable_record_and_resume_exactly(
     first = next(k for k, v in ordered if v[2] == top)
     assert best_header(runs / "emptied") == (pytest.approx(top, abs=1e-6), *first)
 
-    # 3. a last line torn by a kill: dropped with a note, its candidate evaluated again
-    history = runs / "torn" / "history.jsonl"
-    history.write_bytes(history.read_bytes()[:-25])
-    code, _, err = evolve(*args_for(genome_file, project, "torn", *resume))
-    assert code == 0, err
-    assert "(line 10) was cut short by a kill" in err
-    assert records(runs / "torn") == want
+
+
+def test_only_a_torn_last_line_is_dropped_and_said(tmp_path):
+    from evolve.storage import RunStore
+
+    store = RunStore(tmp_path)
+    good = [json.dumps({"generation": 0, "index": i, "genome": [0.5]}) + "\n" for i in range(3)]
+    store.history.write_text("".join(good) + '{"generation": 0, "index": 3, "gen')
+    notes = []
+    assert [r["index"] for r in store.read_history(log=notes.append)] == [0, 1, 2]
+    assert store.history.read_text() == "".join(good)
+    assert notes == ["note: the last line of history.jsonl (line 4) was cut short by a kill; "
+                     "dropped, its candidate is evaluated again"]
+    # a complete last record without its newline is kept, and the newline restored
+    store.history.write_text("".join(good) + good[0].strip())
+    assert len(store.read_history()) == 4 and store.history.read_text().endswith("}\n")
+    # anything else that is not a record is damage, wherever it is
+    store.history.write_text(good[0] + "[1, 2]\n" + good[1])
+    with pytest.raises(Exception, match="line 2 is damaged"):
+        store.read_history()
 
 
 def test_input_model_removed_mid_search_is_named_and_the_run_resumes(
@@ -385,35 +399,53 @@ def _run_until_signal(cmd, env, history: Path, at: int, sig) -> subprocess.Compl
             time.sleep(0.02)
         out, err = proc.communicate(timeout=180)
     finally:
-        if proc.poll() is None:
+        # The driver's Ray processes share its session: end exactly those (after SIGKILL, or
+        # if anything went wrong).
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if proc.poll() is None:
             proc.wait()
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def test_sigterm_and_sigint_stop_cleanly_say_how_to_continue_and_resume_exactly(
+def test_signals_stop_cleanly_say_how_to_continue_and_resume_exactly(
         reference, genome_file, project, short_tmp):
+    """SIGTERM (a scheduler, `ray job stop`) and SIGINT (Ctrl-C) to the driver alone: a clean
+    stop, how to continue, no temp folder of ours left. SIGKILL cannot be handled: its Ray
+    folder is removed by the next run's start. Each time --resume continues the same search."""
+    from evolve.run import sweep_stale_ray_dirs
+
     storage = project / "runs" / "signals"
     history = storage / "history.jsonl"
     cmd = [sys.executable, "-c", "from evolve.cli import main; main()",
            *map(str, args_for(genome_file, project, "signals", "--no-merge-best"))]
     env = {**os.environ, "TMPDIR": str(short_tmp), "WANDB_MODE": "disabled"}
-    seen = 0
-    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+    seen, kept = 0, []
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGKILL, -9)):
         done = _run_until_signal(cmd + (["--resume"] if seen else []), env, history,
                                  seen + 3, sig)
         assert done.returncode == code, done.stderr[-3000:]
+        now = records(storage)
+        assert seen < len(now) < FEVALS
+        assert all(now[k] == v for k, v in kept)            # nothing rewritten
+        seen, kept = len(now), list(now.items())
+        if sig == signal.SIGKILL:
+            assert list(short_tmp.glob("evomerge-ray-*"))   # what kill -9 leaves behind ...
+            sweep_stale_ray_dirs([str(short_tmp)], min_age=0)
+            assert not list(short_tmp.glob("evomerge-ray-*"))   # ... the next start removes
+            break
         name = signal.Signals(sig).name
-        assert f"stopped by {name} after" in done.stderr and "--resume" in done.stderr
+        assert f"stopped by {name} after {seen}/{FEVALS} evaluations" in done.stderr
+        assert "--resume" in done.stderr
         for bad in ("Traceback", "SIGABRT", "Aborted", "*** SIG", "core dumped"):
             assert bad not in done.stderr, done.stderr[-3000:]
         assert not list(short_tmp.glob("evomerge-*")), list(short_tmp.iterdir())
-        now = len(records(storage))
-        assert seen < now < FEVALS
-        seen = now
     code, _, err = evolve(*args_for(genome_file, project, "signals", "--no-merge-best",
                                     "--resume"))
     assert code == 0, err
+    assert f"{seen}/{FEVALS} evaluations done" in err
     assert records(storage) == reference["records"]
 
 
