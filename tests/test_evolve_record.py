@@ -301,7 +301,7 @@ def test_history_faults_keep_every_readable_record_and_resume_exactly(
     assert history.read_bytes() == damaged
     code, _, err = evolve(*args_for(genome_file, project, "damaged", *resume, "--repair-history"))
     assert code == 0, err
-    assert "moved 1 damaged line(s) of history.jsonl (line 3, 10)" in err
+    assert "moved 2 damaged line(s) of history.jsonl (line 3, 10)" in err
     side = (runs / "damaged" / "history.jsonl.damaged").read_bytes()
     assert lines[2] in side and lines[9][:-25] in side
     got = records(runs / "damaged")
@@ -387,6 +387,26 @@ def short_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _end_processes_naming(folder: Path, timeout: float = 30) -> None:
+    """SIGKILL every process whose command line names `folder` (the Ray daemons of a killed
+    test driver that outlived its process group), and wait until they are gone."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if str(folder).encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
 def _run_until_signal(cmd, env, history: Path, at: int, sig) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -433,6 +453,7 @@ def test_signals_stop_cleanly_say_how_to_continue_and_resume_exactly(
         seen, kept = len(now), list(now.items())
         if sig == signal.SIGKILL:
             assert list(short_tmp.glob("evomerge-ray-*"))   # what kill -9 leaves behind ...
+            _end_processes_naming(short_tmp)
             sweep_stale_ray_dirs([str(short_tmp)], min_age=0)
             assert not list(short_tmp.glob("evomerge-ray-*"))   # ... the next start removes
             break
