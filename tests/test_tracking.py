@@ -239,7 +239,8 @@ def test_offline_run_holds_metrics_tables_and_best_config_artifact(
     storage = tmp_path / "run"
     code, out, err = run_cli([path, "--storage-path", storage, "--task-search-path", toy_task_dir,
                               "--workers", 2, "--popsize", 4, "--max-fevals", 12, "--seed", 5,
-                              "--limit", 12, "--layer-granularity", 2, "--no-merge-best"], capsys)
+                              "--limit", 12, "--layer-granularity", 2, "--no-merge-best",
+                              "--wandb"], capsys)
     assert code == 0, err
     meta = json.loads((storage / "run.json").read_text())
     assert meta["overrides"] == {"limit": 12, "layer_granularity": 2}
