@@ -257,13 +257,24 @@ class Run:
                 check_local_placement(opts.workers, opts.cpus_per_worker, self.gpus)
             store = self.store = RunStore(opts.storage_path)
             identity = {"evolve": self.cfg.model_dump(mode="json", exclude={"vllm"})}
-            resuming = store.prepare(identity, opts.resume)
-            if store.restarted:
-                self.log(f"note: the run in {store.root} never began (no checkpoint); "
-                         f"starting it afresh")
-            created = store.create()
-            lock = _lock(store.root)
+            if store.root.exists() and not store.root.is_dir():
+                raise EvomergeError(f"--storage-path: '{store.root}' is a file; give a folder")
+            created = store.create()      # None: the folder existed
+            owned = False                 # True once the folder is known to be this run's
             try:
+                lock = _lock(store.root)  # before looking inside: another search may be starting
+            except BaseException:
+                if created is not None:
+                    import shutil
+
+                    shutil.rmtree(created, ignore_errors=True)
+                raise
+            try:
+                resuming = store.prepare(identity, opts.resume)
+                owned = True
+                if store.restarted:
+                    self.log(f"note: the run in {store.root} never began (no checkpoint); "
+                             f"starting it afresh")
                 self.meta = self._meta(identity, resuming)
                 self._check_record(resuming)
                 if opts.ray_address:   # cheap and common: check it before the slower task loading
@@ -273,12 +284,16 @@ class Run:
                 self.settings = self._tasks()
                 return self._search(resuming)
             except BaseException:
-                if not store.begun():   # failed before the run began: leave no trace
-                    import shutil
+                # failed before the run began: leave no trace (only our own files, and only in a
+                # folder that is this run's)
+                import shutil
 
-                    store.clear_unbegun()
+                if not store.begun():
                     if created is not None:
                         shutil.rmtree(created, ignore_errors=True)
+                    elif owned:
+                        store.clear_unbegun()
+                        (store.root / ".lock").unlink(missing_ok=True)
                 raise
             finally:
                 lock.close()

@@ -470,8 +470,8 @@ def test_signals_stop_cleanly_say_how_to_continue_and_resume_exactly(
     assert records(storage) == reference["records"]
 
 
-# --- reference-format genomes that run for real (the rest are decoded in test_evolve_genome) -------
-@pytest.mark.parametrize("name", ["slerp_three_models.yml", "dare_ties_reference.yml"])
+# --- a reference-format genome that runs for real (all of them are decoded in test_evolve_genome) --
+@pytest.mark.parametrize("name", ["slerp_three_models.yml"])
 def test_reference_genomes_run(ray_session, fam, project, name, tmp_path):
     from test_evolve_genome import reference_genome
 
