@@ -1,8 +1,10 @@
 """`mergekit-evolve GENOME --storage-path DIR [options]`: evolve a merge recipe.
 
 Everything that can be wrong with the input is checked before a worker starts, in this order:
-genome file → engine (method, models, layer counts) → storage folder → tasks → Ray resources.
-Each problem is one line `error: <field>: <what and the fix>` and exit code 2.
+the `evolve` extra → genome file → input models → engine (method, layer counts) → local
+placement → storage folder → the record (on --resume) → tasks → Ray resources. Each problem is one
+line `error: <field>: <what and the fix>` and exit code 2. The reference tool's options are read
+here too (`reference_options`).
 """
 from __future__ import annotations
 

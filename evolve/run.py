@@ -320,7 +320,8 @@ class Run:
             "genome_file": str(Path(opts.genome).resolve()),
             "identity": identity,
             "search": {"popsize": opts.popsize or default_popsize(self.space.dim, opts.workers),
-                       "sigma0": opts.sigma0 or DEFAULT_SIGMA0, "seed": self.seed, "dim": self.space.dim},
+                       "sigma0": opts.sigma0 or DEFAULT_SIGMA0, "seed": self.seed,
+                       "dim": self.space.dim},
             # command-line overrides of the genome file, reapplied by --resume
             "overrides": {name: getattr(opts, name) for name in OVERRIDES
                           if getattr(opts, name) is not None},

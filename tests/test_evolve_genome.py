@@ -261,7 +261,7 @@ def _slerp_pairs(cfg, models):
 CORPUS = {
     "docs_general_syntax.yml": lambda cfg, space, m: (
         cfg["parameters"] == {"normalize": False} and len(cfg["slices"]) == 2
-        and space.dim == 2 * 3 * 2 * 2),      # blocks × filter groups × (weight, density) × models
+        and space.dim == 2 * 3 * 2 * 2),   # blocks × filter groups × (weight, density) × models
     "dare_ties_reference.yml": lambda cfg, space, m: cfg["parameters"]["normalize"] is True,
     "ties_filters.yml": lambda cfg, space, m: (
         cfg["parameters"]["normalize"] is True
@@ -348,7 +348,8 @@ def test_reference_cli_options_are_accepted_or_name_ours(family, tmp_path, capsy
     for args, expect in [
             (["--vllm"], "--backend vllm: vLLM is not installed"),
             (["--load-in-8bit"], "--load-in-8bit: quantized evaluation is not supported"),
-            (["--no-merge-cuda"], "--no-merge-cuda: merging runs on the device that evaluates; use --device cpu"),
+            (["--no-merge-cuda"],
+             "--no-merge-cuda: merging runs on the device that evaluates; use --device cpu"),
             (["--allow-crimes"], "--allow-crimes: "),
             (["--vllm", "--backend", "hf"], "--vllm: contradicts --backend hf")]:
         code, err = cli("--storage-path", tmp_path / "run", *args)

@@ -216,7 +216,7 @@ def test_evolve_extra_installs_every_module_a_search_imports():
     assert "accelerate" in used and not missing, missing
 
 
-# --- the uninterrupted run every fault is compared with ---------------------------------------------
+# --- the uninterrupted run every fault is compared with ------------------------------------------
 @pytest.fixture(scope="module")
 def reference(ray_session, fam, project, genome_file):
     """First a start that fails (an input's weights cut short: the workers cannot load it),
@@ -470,7 +470,7 @@ def test_signals_stop_cleanly_say_how_to_continue_and_resume_exactly(
     assert records(storage) == reference["records"]
 
 
-# --- a reference-format genome that runs for real (all of them are decoded in test_evolve_genome) --
+# --- a reference-format genome that runs for real (all are decoded in test_evolve_genome) ----
 @pytest.mark.parametrize("name", ["slerp_three_models.yml"])
 def test_reference_genomes_run(ray_session, fam, project, name, tmp_path):
     from test_evolve_genome import reference_genome
