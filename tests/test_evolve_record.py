@@ -250,6 +250,27 @@ def test_failed_start_never_blocks_the_next_and_the_reference_run_completes(refe
     cfg = json.loads((storage / "best_model" / "config.json").read_text())
     assert cfg.get("torch_dtype", cfg.get("dtype")) == "bfloat16"  # the reference's dtype
     assert "apply_chat_template is off" in reference["err"]
+    # every candidate was merged (into the workers' live bf16 model) in the dtype written out
+    first = json.loads((storage / "history.jsonl").read_text().splitlines()[0])
+    assert first["config"]["dtype"] == "bfloat16"
+
+
+def test_chat_template_default_follows_the_evaluated_tokenizer(fam, tmp_path):
+    from evolve.run import chat_template_source, has_chat_template
+
+    assert not has_chat_template(str(fam["base"]))       # the tiny tokenizer has none
+    folder = tmp_path / "chat"
+    shutil.copytree(fam["base"], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert has_chat_template(str(folder))
+    models = [{"model": "a"}, {"model": "b"}]
+    assert chat_template_source({"models": models}) == "a"
+    assert chat_template_source({"models": models, "base_model": "base"}) == "base"
+    assert chat_template_source({"models": models, "base_model": "base",
+                                 "tokenizer_source": "b"}) == "b"
+    assert chat_template_source({"models": models, "chat_template": "chatml"}) is True
 
 
 def test_task_folder_inside_the_storage_mirror_is_refused_not_deleted(
