@@ -1,8 +1,10 @@
 """`mergekit-evolve GENOME --storage-path DIR [options]`: evolve a merge recipe.
 
 Everything that can be wrong with the input is checked before a worker starts, in this order:
-genome file → engine (method, models, layer counts) → storage folder → tasks → Ray resources.
-Each problem is one line `error: <field>: <what and the fix>` and exit code 2.
+the `evolve` extra → genome file → input models → engine (method, layer counts) → local
+placement → storage folder → the record (on --resume) → tasks → Ray resources. Each problem is one
+line `error: <field>: <what and the fix>` and exit code 2. The reference tool's options are read
+here too (`reference_options`).
 """
 from __future__ import annotations
 
@@ -13,7 +15,13 @@ from typing import Optional
 import click
 
 from merge.errors import EvomergeError
-from evolve.run import WANDB_PROJECT, Options, Run
+from evolve.run import WANDB_PROJECT, Options, Run, Stopped
+
+# What a search imports beyond the base install: the `evolve` extra (pyproject.toml).
+EXTRA_MODULES = {"cma": "cma", "ray": "ray", "lm_eval": "lm-eval",
+                 "accelerate": "accelerate", "matplotlib": "matplotlib"}
+INSTALL_HINT = "pip install 'evomerge[evolve]'"
+DEFAULT_SEED = 42
 
 
 def _parse_duration(ctx, param, value):
@@ -57,13 +65,14 @@ def _parse_batch_size(ctx, param, value):
               help="Candidates per generation [default: 4+3 ln(genes), rounded up to a multiple "
                    "of --workers].")
 @click.option("--sigma0", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Initial CMA-ES step as a fraction of each gene's range [default: 0.25].")
+              help="Initial CMA-ES step as a fraction of each gene's range [default: 1/6, the "
+                   "reference tool's].")
 @click.option("--limit", callback=_parse_limit, default=None,
               help="Items per task per candidate, overriding the genome file's limit (a count, "
                    "or a fraction below 1).")
 @click.option("--layer-granularity", type=int, default=None,
               help="Layers per gene block, overriding genome.layer_granularity (0: one block).")
-@click.option("--seed", type=int, default=None,
+@click.option("--seed", "--random-seed", "seed", type=int, default=None,
               help="Seed of CMA-ES and of random merge methods (DARE...) [default: 42].")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Ray actors evaluating in parallel (each holds the inputs and one model).")
@@ -75,35 +84,106 @@ def _parse_batch_size(ctx, param, value):
 @click.option("--ray-address", default=None,
               help="Join a running Ray cluster (host:port or ray://host:10001) instead of starting "
                    "a local one.")
-@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
-              help="lm-eval model backend.")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default=None,
+              help="lm-eval model backend [default: hf].")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda when GPUs are "
                                              "requested, else cpu].")
 @click.option("--batch-size", default="16", show_default=True, callback=_parse_batch_size,
               help="lm-eval batch size (a number, auto or auto:N).")
 @click.option("--task-search-path", multiple=True, type=click.Path(file_okay=False),
               help="Folder with lm-eval task YAMLs (repeatable); eval_tasks/ is always searched.")
-@click.option("--wandb/--no-wandb", default=True, show_default=True,
-              help="Log to Weights & Biases (offline unless you are logged in).")
+@click.option("--wandb/--no-wandb", default=None,
+              help="Log to Weights & Biases (offline unless you are logged in) [default: off, "
+                   "on for the runs of a W&B sweep].")
 @click.option("--wandb-project", default=WANDB_PROJECT, show_default=True)
 @click.option("--wandb-entity", default=None)
 @click.option("--resume", is_flag=True, help="Continue the run in --storage-path.")
+@click.option("--repair-history", is_flag=True,
+              help="With --resume: keep every readable record of a damaged history.jsonl, move "
+                   "the bad lines to history.jsonl.damaged, and continue.")
 @click.option("--timeout", callback=_parse_duration, default=None,
               help="Stop starting evaluations after this long (seconds, or 30m, 2h); resumable.")
 @click.option("--dry-run", is_flag=True,
               help="Check the genome, print its dimensions and the starting config, and exit.")
-@click.option("--merge-best/--no-merge-best", default=True, show_default=True,
-              help="Write the best candidate as a model to STORAGE/best_model at the end.")
+@click.option("--merge-best/--no-merge-best", "--save-final-model/--no-save-final-model",
+              "merge_best", default=True, show_default=True,
+              help="Write the best candidate as a model to STORAGE/best_model at the end "
+                   "(STORAGE/final_model links to it).")
 @click.option("--cache-magnitudes", is_flag=True,
               help="Keep each task vector's magnitudes sorted in the workers (2 bytes per "
                    "parameter per input model): TIES/breadcrumbs thresholds become lookups.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow model code from model folders.")
+@click.option("--trust-remote-code/--no-trust-remote-code", default=False,
+              help="Allow model code from model folders.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+# --- the reference tool's options (mergekit-evolve 0.1.5), read as it reads them ------------------
+@click.option("--vllm/--no-vllm", "ref_vllm", default=None, hidden=True)
+@click.option("--strategy", "-s", "ref_strategy", type=click.Choice(["pool", "buffered", "serial"]),
+              default=None, hidden=True)
+@click.option("--in-memory/--no-in-memory", "ref_in_memory", default=None, hidden=True)
+@click.option("--num-gpus", "ref_num_gpus", type=click.IntRange(min=0), default=None, hidden=True)
+@click.option("--merge-cuda/--no-merge-cuda", "ref_merge_cuda", default=None, hidden=True)
+@click.option("--allow-crimes/--no-allow-crimes", "ref_allow_crimes", default=None, hidden=True)
+@click.option("--i-understand-the-depths-of-the-evils-i-am-unleashing", "ref_allow_benchmarks",
+              is_flag=True, hidden=True)
+@click.option("--reshard/--no-reshard", "ref_reshard", default=None, hidden=True)
+@click.option("--load-in-8bit", "ref_8bit", is_flag=True, hidden=True)
+@click.option("--load-in-4bit", "ref_4bit", is_flag=True, hidden=True)
+@click.option("--force-population-size", "ref_popsize", type=click.IntRange(min=2), default=None,
+              hidden=True)
 def cli(**kwargs):
     """Search merge recipes for the models in GENOME with CMA-ES, scoring each candidate with
     lm-eval on a model merged in memory. See docs/evolve.md."""
     kwargs["task_search_path"] = list(kwargs["task_search_path"])
+    try:
+        kwargs = reference_options(kwargs, note=lambda m: click.echo(f"note: {m}", err=True))
+    except EvomergeError as e:
+        sys.exit(fail(str(e)))
     sys.exit(run(Options(**kwargs)))
+
+
+def reference_options(kw: dict, note) -> dict:
+    """The reference tool's options mapped onto ours (same meaning), or refused naming ours.
+    Removes every `ref_*` key from `kw`."""
+    ref = {k: kw.pop(k) for k in list(kw) if k.startswith("ref_")}
+    if ref["ref_vllm"] is not None:
+        backend = "vllm" if ref["ref_vllm"] else "hf"
+        if kw["backend"] not in (None, backend):
+            raise EvomergeError(f"--vllm: contradicts --backend {kw['backend']}; give one of them")
+        kw["backend"] = backend
+    kw["backend"] = kw["backend"] or "hf"
+    if ref["ref_strategy"] not in (None, "pool"):
+        note(f"--strategy {ref['ref_strategy']}: every strategy is one worker pool here, which "
+             f"keeps each worker busy; results do not depend on it")
+    if ref["ref_in_memory"] is False:
+        note("--no-in-memory: candidates are always merged in memory here; nothing is written "
+             "per candidate")
+    if ref["ref_num_gpus"] is not None:
+        n = ref["ref_num_gpus"]
+        if n == 0:
+            raise EvomergeError("--num-gpus: 0 GPUs; for a CPU search use --workers N "
+                                "--device cpu")
+        if kw["workers"] not in (1, n) or kw["gpus_per_worker"] not in (None, 1.0):
+            raise EvomergeError(f"--num-gpus: {n} means --workers {n} --gpus-per-worker 1; "
+                                f"give either --num-gpus or those options")
+        kw["workers"], kw["gpus_per_worker"] = n, 1.0
+    if ref["ref_merge_cuda"] is False:
+        raise EvomergeError("--no-merge-cuda: merging runs on the device that evaluates; use "
+                            "--device cpu to merge and evaluate on the CPU")
+    if ref["ref_allow_crimes"]:
+        raise EvomergeError("--allow-crimes: a search merges models of one architecture only; "
+                            "list models of one architecture in genome.models")
+    if ref["ref_reshard"] is not None:
+        note("--reshard/--no-reshard: not needed here; each worker reads the input models once "
+             "and keeps them in memory")
+    if ref["ref_8bit"] or ref["ref_4bit"]:
+        bits = "8" if ref["ref_8bit"] else "4"
+        raise EvomergeError(f"--load-in-{bits}bit: quantized evaluation is not supported; "
+                            f"candidates are evaluated in genome.dtype (bfloat16 unless set)")
+    if ref["ref_popsize"] is not None:
+        if kw["popsize"] not in (None, ref["ref_popsize"]):
+            raise EvomergeError("--force-population-size: the same as --popsize; give one")
+        kw["popsize"] = ref["ref_popsize"]
+    return kw
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -148,6 +228,35 @@ def run(opts: Options) -> int:
         return _run(opts)
     except EvomergeError as e:
         return fail(str(e))
+    except KeyboardInterrupt as e:     # before the search began: nothing to resume
+        name = e.args[0] if isinstance(e, Stopped) else "SIGINT"
+        click.echo(f"stopped by {name} before the search began; nothing was kept", err=True)
+        return e.exit_code if isinstance(e, Stopped) else 130
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top in EXTRA_MODULES or top in ("wandb", "datasets", "transformers", "torch"):
+            return fail(f"mergekit-evolve: the Python module '{top}' is missing; install the "
+                        f"search's dependencies with {INSTALL_HINT}")
+        raise
+
+
+def check_extra(wandb: bool) -> None:
+    """One line naming what to install, instead of an import traceback minutes later."""
+    import importlib.util
+
+    wanted = dict(EXTRA_MODULES, **({"wandb": "wandb"} if wandb else {}))
+    missing = []
+    for module, dist in wanted.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(dist)
+    if missing:
+        raise EvomergeError(f"mergekit-evolve: {', '.join(missing)} "
+                            f"{'is' if len(missing) == 1 else 'are'} not installed; install the "
+                            f"search's dependencies with {INSTALL_HINT}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,14 +271,19 @@ def _run(opts: Options) -> int:
     from evolve.sweep import apply_overrides, rename_error
     from merge.errors import ConfigError
 
+    if not opts.dry_run:
+        check_extra(bool(opts.wandb))
     cfg = load_evolve_config(opts.genome)
     overrides = _storage_and_overrides(opts)
     cfg = apply_overrides(cfg, overrides)
+    from evolve.run import InputWatch
+
+    inputs = InputWatch(cfg.genome)      # every input found, named by its genome field
     try:
         space = GenomeSpace.build(cfg.genome)
     except ConfigError as e:     # e.g. a --layer-granularity that does not divide the layers
         raise rename_error(e, overrides) from None
-    seed = 42 if opts.seed is None else opts.seed
+    seed = DEFAULT_SEED if opts.seed is None else opts.seed
     x0 = space.initial_vector(random=cfg.random_init, seed=seed)
     config0 = space.decode(x0)
 
@@ -199,7 +313,10 @@ def _run(opts: Options) -> int:
             raise EvomergeError(f"--device: {device} requested but this machine has no CUDA GPU "
                                 f"that torch can use; drop --device (CPU), or use --ray-address "
                                 f"to run the workers on GPU nodes")
-    return Run(opts, cfg, space, config0, seed, device, gpus).execute()
+    if opts.repair_history and not opts.resume:
+        raise EvomergeError("--repair-history: only with --resume (it repairs the history of "
+                            "the run being continued)")
+    return Run(opts, cfg, space, config0, seed, device, gpus, inputs).execute()
 
 
 def _storage_and_overrides(opts: Options) -> dict:

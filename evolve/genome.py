@@ -39,6 +39,12 @@ DEFAULT_RANGES: dict[str, tuple[float, float]] = {
 DEFAULT_PER_MODEL = ("weight", "density")
 DEFAULT_SHARED = ("t", "select_topk")
 
+# Read as the reference tool (mergekit-evolve 0.1.5) reads a genome:
+# every candidate is merged and evaluated in bfloat16 unless genome.dtype says otherwise,
+DEFAULT_DTYPE = "bfloat16"
+# and `normalize`, when the genome leaves it out, is on for these methods and off for this one.
+REFERENCE_NORMALIZE = {"linear": True, "ties": True, "dare_ties": True, "task_arithmetic": False}
+
 
 # ---------------------------------------------------------------------------------------------
 # The genome file
@@ -51,6 +57,11 @@ class TaskSpec(_Strict):
     name: str
     weight: float = 1.0
     metric: str = "acc,none"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, v):
+        return {"name": v} if isinstance(v, str) else v    # `tasks: [arith, other]`
 
     @field_validator("name", "metric")
     @classmethod
@@ -124,8 +135,9 @@ class EvolveConfig(_Strict):
     num_fewshot: Optional[int] = Field(None, ge=0)
     shuffle: bool = False          # evaluate a fixed random subset of `limit` items, not the first
     random_init: bool = False      # start CMA-ES from a random point instead of an even mix
-    apply_chat_template: bool = False
-    fewshot_as_multiturn: bool = False
+    # None: as the reference (on), when the evaluated tokenizer has a chat template (evolve.run)
+    apply_chat_template: Optional[bool] = None
+    fewshot_as_multiturn: Optional[bool] = None
     # `--backend vllm` engine settings. Not part of the run's identity (evolve.cli leaves them out
     # of it): like --batch-size or --backend, they may change on --resume (after an OOM, say).
     vllm: Optional[VllmSettings] = None
@@ -195,14 +207,16 @@ class GenomeSpace:
         self.num_layers = num_layers
         self.notes: list[str] = []   # things the user should know (printed at start)
         base = spec.base_model
+        self.pick_two = picks_two(spec, method)
         # The weighted inputs: with a base that the method uses, the base carries no genes.
-        self.inputs = [m for m in spec.models if not (method.takes_base and base and m == base)]
+        self.inputs = (list(spec.models) if self.pick_two else
+                       [m for m in spec.models if not (method.takes_base and base and m == base)])
         g = spec.layer_granularity
         self.num_blocks = num_layers // g if g else 1
         self.blocks = ([(b * g, (b + 1) * g) for b in range(self.num_blocks)] if g
                        else [(0, num_layers)])
         self.groups: list[Optional[str]] = [*spec.filters, None] if spec.filters else [None]
-        self.use_slices = bool(g) and not spec.smooth
+        self.use_slices = (bool(g) and not spec.smooth) or self.pick_two
         self.params = self._evolved_params()
         self.genes = [Gene(p.name, b, f, m)
                       for b in range(self.num_blocks)
@@ -231,12 +245,15 @@ class GenomeSpace:
             method = get_method(spec.merge_method)
         except ConfigError as e:
             raise ConfigError("genome.merge_method", str(e).split(": ", 1)[-1]) from None
-        if method.needs_base and not spec.base_model:
-            raise ConfigError("genome.base_model", f"{method.name} needs a base model; add "
-                                                   f"base_model: <path>")
         base = spec.base_model
-        inputs = [m for m in spec.models if not (method.takes_base and base and m == base)]
-        method.check_model_count(len(inputs), "genome.models")
+        if picks_two(spec, method):
+            _check_pick_two(spec)
+        else:
+            if method.needs_base and not spec.base_model:
+                raise ConfigError("genome.base_model", f"{method.name} needs a base model; add "
+                                                       f"base_model: <path>")
+            inputs = [m for m in spec.models if not (method.takes_base and base and m == base)]
+            method.check_model_count(len(inputs), "genome.models")
         refs = list(dict.fromkeys(([base] if base else []) + spec.models))
         counts = {ref: layer_count(ref) for ref in refs}
         if len(set(counts.values())) > 1:
@@ -255,6 +272,12 @@ class GenomeSpace:
 
     def _evolved_params(self) -> list[EvolvedParam]:
         spec, method = self.spec, self.method
+        if self.pick_two:       # one weight per model and block; the two highest are slerped
+            low = -1.0 if spec.allow_negative_weights else 0.0
+            self.notes.append(f"slerp over {len(self.inputs)} models, as the reference tool: per "
+                              f"block the two models with the highest weights are interpolated "
+                              f"at t = softmax of their weights (decoded as nuslerp)")
+            return [EvolvedParam("weight", True, low, 1.0)]
         known = method.params
         if spec.parameters is None:
             names = [p for p, s in known.items()
@@ -337,7 +360,15 @@ class GenomeSpace:
         spec, method = self.spec, self.method
         evolved = {p.name for p in self.params}
         static: dict[str, Any] = {}
-        if spec.normalize is not None:
+        if self.pick_two:
+            if spec.fixed_parameters or spec.parameters is not None or spec.normalize is not None:
+                self.notes.append("genome.parameters, fixed_parameters and normalize are not used "
+                                  "by slerp over several models")
+            return static
+        if spec.normalize is None and "normalize" in method.params \
+                and method.name in REFERENCE_NORMALIZE:
+            static["normalize"] = REFERENCE_NORMALIZE[method.name]
+        elif spec.normalize is not None:
             if "normalize" in method.params:
                 static["normalize"] = spec.normalize
             else:
@@ -402,32 +433,48 @@ class GenomeSpace:
             raise ValueError(f"expected {self.dim} genes, got {len(x)}")
         x = self.clip(x)
         spec = self.spec
-        cfg: dict[str, Any] = {"merge_method": self.method.name}
-        if spec.base_model:
-            cfg["base_model"] = spec.base_model
-        if self.use_slices:
-            cfg["slices"] = [self._slice(x, b) for b in range(self.num_blocks)]
+        if self.pick_two:
+            cfg: dict[str, Any] = {"merge_method": "nuslerp", "slices": [
+                self._pick_two_slice(x, b) for b in range(self.num_blocks)]}
         else:
-            models = []
-            for m in spec.models:
-                entry: dict[str, Any] = {"model": m}
-                params = self._params_for(x, m, blocks=list(range(self.num_blocks)))
-                if params:
-                    entry["parameters"] = params
-                models.append(entry)
-            cfg["models"] = models
+            cfg = {"merge_method": self.method.name}
+            if spec.base_model:
+                cfg["base_model"] = spec.base_model
+            if self.use_slices:
+                cfg["slices"] = [self._slice(x, b) for b in range(self.num_blocks)]
+            else:
+                cfg["models"] = []
+                for m in spec.models:
+                    entry: dict[str, Any] = {"model": m}
+                    params = self._params_for(x, m, blocks=list(range(self.num_blocks)))
+                    if params:
+                        entry["parameters"] = params
+                    cfg["models"].append(entry)
         top = dict(self.static)
-        if not self.use_slices:
+        if not self.use_slices and not self.pick_two:
             top.update(self._params_for(x, None, blocks=list(range(self.num_blocks))))
         if top:
             cfg["parameters"] = top
-        if spec.dtype:
-            cfg["dtype"] = spec.dtype
+        cfg["dtype"] = spec.dtype or DEFAULT_DTYPE
         if spec.tokenizer_source:
             cfg["tokenizer_source"] = spec.tokenizer_source
         if spec.chat_template:
             cfg["chat_template"] = spec.chat_template
         return cfg
+
+    def _pick_two_slice(self, x, b: int) -> dict[str, Any]:
+        """The reference's slerp over N models: the two models with the highest weights in this
+        block (the lower index first on ties), at t = softmax(w₁, w₂)[1] from the first."""
+        import math
+
+        a, e = self.blocks[b]
+        w = [x[self._index[Gene("weight", b, None, m)]] for m in self.inputs]
+        first, second = sorted(range(len(w)), key=lambda i: (-w[i], i))[:2]
+        t = 1.0 / (1.0 + math.exp(w[first] - w[second]))
+        return {"sources": [{"model": self.inputs[first], "layer_range": [a, e],
+                             "parameters": {"weight": 1.0 - t}},
+                            {"model": self.inputs[second], "layer_range": [a, e],
+                             "parameters": {"weight": t}}]}
 
     def _slice(self, x, b: int) -> dict[str, Any]:
         a, e = self.blocks[b]
@@ -473,6 +520,9 @@ class GenomeSpace:
     # --- encoding (the inverse of decode, for round trips and seeding from a config) ------------
     def encode(self, config: dict[str, Any]) -> list[float]:
         """The gene vector of a config in this genome's shape (as decode writes it)."""
+        if self.pick_two:
+            raise ValueError("slerp over several models keeps only the two highest weights per "
+                             "block; its genes cannot be read back from a config")
         x = []
         for gene in self.genes:
             if self.use_slices:
@@ -535,6 +585,33 @@ class GenomeSpace:
             lines.append(f"  {name:<12} fixed      {value}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def picks_two(spec: GenomeSpec, method) -> bool:
+    """slerp as the reference tool evolves it: a weight per model; per block the two highest
+    are interpolated. Our own slerp genome (a `t` gene) is a base_model plus exactly one model,
+    which the reference cannot run, so the two never overlap."""
+    if method.name != "slerp":
+        return False
+    others = [m for m in spec.models if m != spec.base_model]
+    return not (spec.base_model and len(others) == 1 and spec.base_model not in spec.models)
+
+
+def _check_pick_two(spec: GenomeSpec) -> None:
+    if len(spec.models) < 2:
+        raise ConfigError("genome.models", "slerp interpolates two models; list at least two "
+                                           "(or a base_model and one model)")
+    if spec.base_model and spec.base_model not in spec.models:
+        raise ConfigError("genome.base_model", "slerp over several models picks both endpoints "
+                                               "of each block from genome.models; remove "
+                                               "base_model or list it among the models (the "
+                                               "reference tool cannot run this genome either)")
+    if spec.smooth:
+        raise ConfigError("genome.smooth", "slerp over several models has no smooth form (nor "
+                                           "in the reference tool); use smooth: false")
+    if spec.filters:
+        raise ConfigError("genome.filters", "slerp over several models takes no filters (nor "
+                                            "in the reference tool); remove them")
 
 
 def _finite(v) -> bool:

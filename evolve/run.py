@@ -6,6 +6,7 @@ checked before any worker starts, and hands over.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 import uuid
@@ -18,6 +19,9 @@ import click
 from merge.errors import EvomergeError
 
 WANDB_PROJECT = "mergekit-evolve"
+# The reference tool's default step. Ours is a fraction of each gene's range, which for the
+# reference's genes (weight, density, t: ranges [0, 1]) is the same number.
+DEFAULT_SIGMA0 = 1 / 6
 
 @dataclass
 class Options:
@@ -35,7 +39,7 @@ class Options:
     device: Optional[str] = None
     batch_size: str = "16"
     task_search_path: list[str] = field(default_factory=list)
-    wandb: bool = True
+    wandb: Optional[bool] = None              # None: off, except under a W&B sweep agent
     wandb_project: str = WANDB_PROJECT
     wandb_entity: Optional[str] = None
     resume: bool = False
@@ -47,55 +51,254 @@ class Options:
     limit: Optional[float] = None              # overrides the genome file's `limit`
     layer_granularity: Optional[int] = None    # overrides `genome.layer_granularity`
     cache_magnitudes: bool = False
+    repair_history: bool = False               # --resume past damaged history lines
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT: the search stops at once, cleanly, resumable."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class _SignalGuard:
+    """SIGTERM and SIGINT raise Stopped in the main thread (Ray's own SIGTERM handler calls
+    sys.exit, and the interpreter then aborts in Ray's C++ threads). A second signal while
+    cleaning up is ignored, a third ends the process at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, log):
+        self.log, self.count, self.saved = log, 0, {}
+
+    def install(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self.saved.setdefault(sig, signal.getsignal(sig))
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        if self.count == 1:
+            raise Stopped(signum)
+        if self.count == 2:
+            self.log("still stopping (shutting the workers down); a third signal exits at once")
+            return
+        os._exit(128 + signum)
+
+    def restore(self) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        self.saved = {}
+
+
+RAY_DIR_PREFIX = "evomerge-ray-"     # evolve.workers.RaySession's private temp folders
+
+
+def sweep_stale_ray_dirs(roots=None, min_age: float = 120.0) -> list[Path]:
+    """Remove the Ray temp folders of local runs that were killed (kill -9 leaves them): ours
+    by name, older than `min_age` seconds, and named by no live process (every running Ray
+    session has its folder in its raylet's and GCS server's command lines)."""
+    import shutil
+    import tempfile
+
+    roots = roots or list(dict.fromkeys([tempfile.gettempdir(), "/tmp"]))
+    candidates = [p for root in roots if os.path.isdir(root)
+                  for p in Path(root).glob(RAY_DIR_PREFIX + "*")
+                  if p.is_dir() and not p.is_symlink() and p.stat().st_uid == os.getuid()
+                  and time.time() - p.stat().st_mtime > min_age]
+    if not candidates:
+        return []
+    alive = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            alive.append((proc / "cmdline").read_bytes())
+        except OSError:
+            continue
+    removed = []
+    for p in candidates:
+        if not any(str(p).encode() in cmd for cmd in alive):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def local_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_local_placement(workers: int, cpus: float, gpus: float) -> None:
+    """A local run starts its own Ray sized to this machine: refuse at once (nothing started,
+    nothing written) what it cannot place, instead of a Ray sized to the request."""
+    have = local_cpus()
+    if workers * cpus > have + 1e-9:
+        raise EvomergeError(f"--workers: {workers} worker(s) × {cpus:g} CPU need "
+                            f"{workers * cpus:g} CPU but this machine has {have}; lower --workers "
+                            f"or --cpus-per-worker, or run on a cluster with --ray-address")
+    if gpus > 0:
+        import torch
+
+        from evolve.workers import _workers_on_node
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if _workers_on_node({"CPU": float(have), "GPU": float(count)}, cpus, gpus) < workers:
+            raise EvomergeError(f"--workers: {workers} worker(s) × {gpus:g} GPU need "
+                                f"{workers * gpus:g} GPU but this machine has {count}; lower "
+                                f"--workers or --gpus-per-worker, or run on a cluster with "
+                                f"--ray-address")
+
+
+class InputWatch:
+    """The input model folders as the search started: a folder deleted, truncated or rewritten
+    while the search runs is noticed before the next candidate and named by its genome field."""
+
+    def __init__(self, genome):
+        from merge.sources import ModelRef, resolve_folder
+
+        refs: dict[str, str] = {}
+        if genome.base_model:
+            refs[genome.base_model] = "genome.base_model"
+        for i, m in enumerate(genome.models):
+            refs.setdefault(m, f"genome.models[{i}]")
+        self.folders: dict[str, tuple[str, Path]] = {}
+        for ref, field in refs.items():
+            parsed = ModelRef.parse(ref)
+            self.folders[ref] = (field, resolve_folder(parsed, field))
+            if parsed.lora and Path(parsed.lora).is_dir():
+                self.folders[ref + " (adapter)"] = (field, Path(parsed.lora))
+        self.prints = {ref: _fingerprint(folder) for ref, (_, folder) in self.folders.items()}
+
+    def changed(self) -> Optional[str]:
+        """The first change, as `field: what; fix`, or None."""
+        for ref, before in self.prints.items():
+            field, folder = self.folders[ref]
+            now = _fingerprint(folder)
+            if now == before:
+                continue
+            if not folder.is_dir():
+                what = "was removed"
+            else:
+                gone = sorted(set(before) - set(now))
+                new = sorted(set(now) - set(before))
+                edited = sorted(n for n in set(before) & set(now) if before[n] != now[n])
+                what = ("lost " + ", ".join(gone[:3]) if gone else
+                        "changed " + ", ".join(edited[:3]) if edited else
+                        "gained " + ", ".join(new[:3]))
+            return (f"{field}: the input model '{ref.removesuffix(' (adapter)')}' {what} during "
+                    f"the search; restore it, then continue with --resume")
+        return None
+
+
+def _fingerprint(folder: Path) -> dict[str, tuple[int, int]]:
+    """Name → (size, mtime) of the files at the top of a model folder (weights, config,
+    tokenizer); symlinks (the Hugging Face cache) are followed."""
+    out = {}
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return {}
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        try:
+            st = os.stat(e.path)
+        except OSError:
+            out[e.name] = (-1, -1)        # a dangling link: the blob is gone
+            continue
+        if not os.path.isdir(e.path):
+            out[e.name] = (st.st_size, st.st_mtime_ns)
+    return out
 
 
 class Run:
     """One invocation: checks, workers, the search loop, and the outputs."""
 
     def __init__(self, opts: Options, cfg, space, config0: dict, seed: int, device: str,
-                 gpus: float):
+                 gpus: float, inputs: Optional[InputWatch] = None):
         self.opts, self.cfg, self.space, self.config0 = opts, cfg, space, config0
         self.seed, self.device, self.gpus = seed, device, gpus
+        self.inputs = inputs
         self.bar = None
+        self.signals = _SignalGuard(self.log)
+        self.known_best: Optional[dict] = None   # the best recorded before this invocation
+        if opts.wandb is None:    # off, as in the reference tool; on for a W&B sweep's runs
+            from evolve.sweep import sweep_agent
 
-    def log(self, message: str) -> None:
+            opts.wandb = sweep_agent() is not None
+
+    def log(self, message: str, always: bool = False) -> None:
+        """Progress and notes (not with --quiet, unless `always`: what happened to the record)."""
         if self.bar is not None:
             self.bar.write(message, file=sys.stderr)
-        elif not self.opts.quiet:
+        elif always or not self.opts.quiet:
             click.echo(message, err=True)
+
+    def warn(self, message: str) -> None:
+        self.log(message, always=True)
 
     def execute(self) -> int:
         from evolve.storage import RunStore
 
         opts = self.opts
-        store = self.store = RunStore(opts.storage_path)
-        identity = {"evolve": self.cfg.model_dump(mode="json", exclude={"vllm"})}
-        created = not store.root.exists()
-        resuming = store.prepare(identity, opts.resume)
-        if opts.resume and not resuming:
-            self.log(f"nothing to resume in {store.root}; starting a new run")
-        store.root.mkdir(parents=True, exist_ok=True)
-        lock = _lock(store.root)
+        self.signals.install()
         try:
-            self.meta = self._meta(identity, resuming)
-            if opts.ray_address:   # cheap and common: check it before the slower task loading
-                from evolve.workers import _probe
+            if not opts.ray_address:     # in a second, before anything is started or written
+                check_local_placement(opts.workers, opts.cpus_per_worker, self.gpus)
+            store = self.store = RunStore(opts.storage_path)
+            identity = {"evolve": self.cfg.model_dump(mode="json", exclude={"vllm"})}
+            if store.root.exists() and not store.root.is_dir():
+                raise EvomergeError(f"--storage-path: '{store.root}' is a file; give a folder")
+            created = store.create()      # None: the folder existed
+            owned = False                 # True once the folder is known to be this run's
+            try:
+                lock = _lock(store.root)  # before looking inside: another search may be starting
+            except BaseException:
+                if created is not None:
+                    import shutil
 
-                _probe(opts.ray_address)
-            self.settings = self._tasks()
-            return self._search(resuming)
-        except BaseException:
-            if not store.run_json.exists():   # failed before the run began: leave no trace
+                    shutil.rmtree(created, ignore_errors=True)
+                raise
+            try:
+                resuming = store.prepare(identity, opts.resume)
+                owned = True
+                if store.restarted:
+                    self.log(f"note: the run in {store.root} never began (no checkpoint); "
+                             f"starting it afresh")
+                self.meta = self._meta(identity, resuming)
+                self._check_record(resuming)
+                if opts.ray_address:   # cheap and common: check it before the slower task loading
+                    from evolve.workers import _probe
+
+                    _probe(opts.ray_address)
+                self.settings = self._tasks()
+                return self._search(resuming)
+            except BaseException:
+                # failed before the run began: leave no trace (only our own files, and only in a
+                # folder that is this run's)
                 import shutil
 
-                if created:
-                    shutil.rmtree(store.root, ignore_errors=True)
-                else:
-                    shutil.rmtree(store.tasks_dir, ignore_errors=True)
-                    (store.root / ".lock").unlink(missing_ok=True)
-            raise
+                if not store.begun():
+                    if created is not None:
+                        shutil.rmtree(created, ignore_errors=True)
+                    elif owned:
+                        store.clear_unbegun()
+                        (store.root / ".lock").unlink(missing_ok=True)
+                raise
+            finally:
+                lock.close()
         finally:
-            lock.close()
+            self.signals.restore()
 
     # --- checks --------------------------------------------------------------------------------
     def _meta(self, identity: dict, resuming: bool) -> dict:
@@ -117,12 +320,14 @@ class Run:
             "genome_file": str(Path(opts.genome).resolve()),
             "identity": identity,
             "search": {"popsize": opts.popsize or default_popsize(self.space.dim, opts.workers),
-                       "sigma0": opts.sigma0 or 0.25, "seed": self.seed, "dim": self.space.dim},
+                       "sigma0": opts.sigma0 or DEFAULT_SIGMA0, "seed": self.seed,
+                       "dim": self.space.dim},
             # command-line overrides of the genome file, reapplied by --resume
             "overrides": {name: getattr(opts, name) for name in OVERRIDES
                           if getattr(opts, name) is not None},
             # under a W&B sweep agent the run is the agent's (evolve.tracking.init_kwargs)
             "wandb_id": (sweep_agent() or (None, uuid.uuid4().hex[:12]))[1],
+            "records_lost": 0,     # history records given up by --repair-history
         }
 
     def _tasks(self):
@@ -132,7 +337,8 @@ class Run:
         cfg, opts = self.cfg, self.opts
         names = [t.name for t in cfg.tasks]
         paths = task_lib.default_search_paths() + [Path(p) for p in opts.task_search_path]
-        include = task_lib.mirror_search_paths(paths, self.store.tasks_dir) if paths else None
+        include = (task_lib.mirror_search_paths(paths, self.store.tasks_dir,
+                                                skip=(self.store.root,)) if paths else None)
         tm = task_lib.task_manager(include, names)
         task_lib.check_task_names(tm, names)
         # Loading here also prepares the datasets once, so the workers find them cached.
@@ -143,26 +349,74 @@ class Run:
                             include_dir=str(include) if include else None, limit=cfg.limit,
                             num_fewshot=cfg.num_fewshot, shuffle=cfg.shuffle, seed=self.seed,
                             batch_size=batch, device=self.device,
-                            apply_chat_template=cfg.apply_chat_template,
-                            fewshot_as_multiturn=cfg.fewshot_as_multiturn)
+                            **self._chat_settings())
+
+    def _chat_settings(self) -> dict:
+        """apply_chat_template / fewshot_as_multiturn: the genome's, or as the reference tool
+        (on) when the evaluated tokenizer has a chat template; off, with a note, when not."""
+        cfg = self.cfg
+        apply = cfg.apply_chat_template
+        if apply is None:
+            ref = chat_template_source(self.config0)
+            apply = has_chat_template(ref)
+            if not apply:
+                self.log(f"note: apply_chat_template is off: the tokenizer of '{ref}' has no "
+                         f"chat template")
+        multiturn = cfg.fewshot_as_multiturn
+        if multiturn is None:
+            multiturn = apply       # lm-eval refuses multi-turn few-shot without a template
+        return {"apply_chat_template": bool(apply), "fewshot_as_multiturn": bool(multiturn)}
 
     # --- the search ------------------------------------------------------------------------------
+    def _check_record(self, resuming: bool) -> None:
+        """Before anything starts: the history must hold every record the checkpoint counted.
+        A damaged line stops here (store.read_history); records that are gone (an emptied or
+        deleted history) are only given up with --repair-history."""
+        opts, store = self.opts, self.store
+        if not resuming:
+            return
+        records = store.read_history(repair=opts.repair_history, log=self.warn)
+        state = store.load_checkpoint()
+        if state is None:
+            return
+        stats = state.get("stats") or []
+        counted = int(stats[-1].get("fevals", 0)) if stats else 0
+        lost = int(self.meta.get("records_lost") or 0)
+        missing = counted - lost - len(records)
+        if missing <= 0:
+            pass
+        elif not opts.repair_history:
+            what = ("is missing" if not store.history.exists() else
+                    "is empty" if not records else f"holds {len(records)} records")
+            raise EvomergeError(
+                f"--resume: {store.history} {what} but the checkpoint counted {counted - lost} "
+                f"evaluations; restore it from a backup, or continue without the lost "
+                f"records with --repair-history (the best so far is kept)")
+        else:
+            self.meta["records_lost"] = lost + missing
+            self.warn(f"note: continuing without {missing} lost history record(s); "
+                     f"{len(records)} kept")
+        self.known_best = _best_of(store.read_best(), _best_from_config(store.best_config))
+
     def _search(self, resuming: bool) -> int:
         from evolve.fitness import weighted_fitness
         from evolve.search import Search
         from evolve.workers import DIE_ONCE_ENV, RaySession, WorkerPool, WorkerSpec
 
         opts, store, meta = self.opts, self.store, self.meta
-        local_cpus = os.cpu_count() or 1
+        cpus = local_cpus()
         num_gpus = 0
         if self.gpus and not opts.ray_address:
             import torch
 
             num_gpus = torch.cuda.device_count()
+        if not opts.ray_address:
+            sweep_stale_ray_dirs()
         t0 = time.perf_counter()
-        wanted_cpus = int(opts.workers * opts.cpus_per_worker + 0.999)
-        session = RaySession(opts.ray_address, num_cpus=max(local_cpus, wanted_cpus),
-                             num_gpus=num_gpus)
+        # sized to this machine (check_local_placement refused what does not fit), never to the
+        # request: Ray would otherwise start every worker on a machine that cannot run them
+        session = RaySession(opts.ray_address, num_cpus=cpus, num_gpus=num_gpus)
+        self.signals.install()     # after ray.init, which installs a SIGTERM handler of its own
         pool = tracker = search = None
         try:
             session.check_resources(opts.workers, opts.cpus_per_worker, self.gpus)
@@ -172,7 +426,7 @@ class Run:
             search = Search(self.space, store, _search_options(meta, opts, self.cfg),
                             fitness=lambda scores: weighted_fitness(scores, weights),
                             log=self.log)
-            threads = (max(1, local_cpus // opts.workers) if not opts.ray_address
+            threads = (max(1, cpus // opts.workers) if not opts.ray_address
                        else max(1, int(opts.cpus_per_worker)))
             spec = WorkerSpec(initial_config=self.config0, eval=self.settings, device=self.device,
                               merge_seed=self.seed, trust_remote_code=opts.trust_remote_code,
@@ -199,11 +453,17 @@ class Run:
                                   resume=resuming, genes=gene_names(self.space),
                                   tasks=[t.name for t in self.cfg.tasks])
             outcome = self._loop(search, pool, tracker)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:    # Ctrl-C, or SIGTERM from a scheduler (Stopped)
             self._close_bar()
-            self.log("interrupted; continue with --resume")
+            name = e.args[0] if isinstance(e, Stopped) else "SIGINT"
+            code = e.exit_code if isinstance(e, Stopped) else 130
+            if search is None or not store.begun():
+                raise
             self._finish_outputs(search, "interrupted", merge=False)
-            return 130
+            self.warn(f"stopped by {name} after {len(search.history)}/{opts.max_fevals} "
+                     f"evaluations; continue with: mergekit-evolve {opts.genome} --storage-path "
+                     f"{store.root} --resume")
+            return code
         finally:
             self._close_bar()
             if pool is not None:
@@ -211,13 +471,26 @@ class Run:
             session.shutdown()
         return self._finalize(search, outcome, tracker)
 
+    def _evaluator(self, pool):
+        """pool.run, watching the inputs: once a model folder changes no new candidate starts,
+        and the run stops (resumable) naming the genome field."""
+        def evaluate(jobs, should_stop):
+            def stop() -> bool:
+                if self.inputs is not None and self.input_problem is None:
+                    self.input_problem = self.inputs.changed()
+                return self.input_problem is not None or should_stop()
+
+            yield from pool.run(jobs, stop)
+        self.input_problem: Optional[str] = None
+        return evaluate
+
     def _loop(self, search, pool, tracker):
         from tqdm import tqdm
 
         opts = self.opts
         self.bar = tqdm(total=opts.max_fevals, initial=len(search.history), unit="eval",
                         desc="evolve", disable=opts.quiet, dynamic_ncols=True, file=sys.stderr)
-        best = search.best()
+        best = self.best(search)
         if best:
             self.bar.set_postfix(best=f"{best['fitness']:.4g}")
         state = {"best": best["fitness"] if best else None, "last_report": 0.0}
@@ -232,6 +505,7 @@ class Run:
                 state["best"] = record["fitness"]
                 from evolve.report import write_best_config
 
+                self.store.write_best(record)
                 write_best_config(self.store, record, self.seed)
             self.bar.set_postfix(gen=record["generation"], best=f"{state['best']:.4g}")
 
@@ -245,7 +519,16 @@ class Run:
                 self._write_report(search, "running")
                 state["last_report"] = time.monotonic()
 
-        return search.run(pool.run, on_record, on_generation)
+        outcome = search.run(self._evaluator(pool), on_record, on_generation)
+        if self.input_problem:
+            self._write_report(search, "stopped: an input model changed")
+            raise EvomergeError(self.input_problem)
+        return outcome
+
+    def best(self, search) -> Optional[dict]:
+        """The best candidate of the whole run: the history's, or the one recorded before this
+        invocation when the history lost it (a repaired or emptied history)."""
+        return _best_of(self.known_best, search.best() if search is not None else None)
 
     def _close_bar(self) -> None:
         if self.bar is not None:
@@ -265,8 +548,9 @@ class Run:
 
         if search is None:
             return
-        best = search.best()
-        if best is not None:
+        best = self.best(search)
+        if best is not None and best is not self.known_best:
+            self.store.write_best(best)
             write_best_config(self.store, best, self.seed)
         self._write_report(search, outcome)
         if best is not None and merge:
@@ -278,9 +562,10 @@ class Run:
                     device = "cpu"
             self.log(f"merging the best candidate into {self.store.best_model} ({device})")
             merge_best(self.store, best, device, self.seed, self.opts.trust_remote_code)
+            _link_final_model(self.store)
 
     def _finalize(self, search, outcome, tracker) -> int:
-        best = outcome.best
+        best = self.best(search)
         self._finish_outputs(search, outcome.reason, merge=self.opts.merge_best)
         if tracker is not None:
             tracker.finish(search.history, self.store.best_config if best else None,
@@ -298,6 +583,82 @@ class Run:
                    f"  config: {store.best_config}\n  report: {store.report_html}"
                    + (f"\n  model:  {store.best_model}" if self.opts.merge_best else ""))
         return 0
+
+
+def _best_of(*records: Optional[dict]) -> Optional[dict]:
+    """The record with the highest fitness (the first one on ties)."""
+    best = None
+    for r in records:
+        if r is not None and r.get("fitness") is not None and (
+                best is None or r["fitness"] > best["fitness"]):
+            best = r
+    return best
+
+
+def _best_from_config(path: Path) -> Optional[dict]:
+    """The best recorded in best_config.yaml's header (runs from before best.json existed)."""
+    import re
+
+    import yaml
+
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    m = re.search(r"fitness (\S+) .*\n# generation (\d+), candidate (\d+)", text)
+    if not m:
+        return None
+    try:
+        return {"fitness": float(m.group(1)), "generation": int(m.group(2)),
+                "index": int(m.group(3)), "scores": {}, "config": yaml.safe_load(text)}
+    except (ValueError, yaml.YAMLError):
+        return None
+
+
+def _link_final_model(store) -> None:
+    """The reference tool writes STORAGE/final_model: point that name at best_model."""
+    link = store.root / "final_model"
+    if link.is_symlink() or not link.exists():
+        try:
+            link.unlink(missing_ok=True)
+            link.symlink_to(store.best_model.name, target_is_directory=True)
+        except OSError:
+            pass        # a filesystem without symlinks: best_model/ is the model
+
+
+def chat_template_source(config: dict):
+    """The model whose tokenizer the candidates are evaluated with (True: the config sets a
+    chat template itself)."""
+    if config.get("chat_template"):
+        return True
+    source = config.get("tokenizer_source")
+    if source and source not in ("base", "union"):
+        return source
+    if config.get("base_model"):
+        return config["base_model"]
+    first = (config.get("models") or [None])[0] or config["slices"][0]["sources"][0]
+    return first["model"]
+
+
+def has_chat_template(ref) -> bool:
+    import json
+
+    from merge.sources import ModelRef, resolve_folder
+
+    if ref is True:
+        return True
+    try:
+        folder = resolve_folder(ModelRef.parse(ref), "tokenizer")
+    except EvomergeError:
+        return False
+    if any((folder / n).exists() for n in ("chat_template.jinja", "chat_template.json",
+                                            "chat_templates")):
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text())
+                    .get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _describe_placement(placements: list[dict]) -> str:

@@ -96,8 +96,27 @@ def rewrite_task_yaml(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def mirror_search_paths(paths: list[Path], dest: Path) -> Path:
-    """Mirror each search path under dest/<i>/ with resolved task YAMLs; returns dest."""
+def _is_run_folder(folder: Path) -> bool:
+    """A mergekit-evolve storage folder (ours or another run's): never task definitions, and
+    its tasks/ mirror would repeat every task of the project."""
+    return (folder / "run.json").is_file() and ((folder / "tasks").is_dir()
+                                                or (folder / "history.jsonl").is_file())
+
+
+def mirror_search_paths(paths: list[Path], dest: Path, skip: tuple[Path, ...] = ()) -> Path:
+    """Mirror each search path under dest/<i>/ with resolved task YAMLs; returns dest.
+
+    A search path may contain the storage folder (tasks and runs kept in one project folder):
+    `dest`, the folders in `skip` and every other run's storage folder are left out, so the
+    mirror never walks into itself."""
+    dest_resolved = Path(os.path.abspath(dest)).resolve()
+    pruned = {dest_resolved, *(Path(os.path.abspath(p)).resolve() for p in skip)}
+    for i, root in enumerate(paths):
+        root = Path(root).resolve()
+        if root == dest_resolved or dest_resolved in root.parents:
+            raise ConfigError("--task-search-path", f"'{root}' is inside the storage folder's "
+                                                    f"own task mirror {dest}, which is rebuilt "
+                                                    f"each run; keep your tasks elsewhere")
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -107,11 +126,13 @@ def mirror_search_paths(paths: list[Path], dest: Path) -> Path:
             raise ConfigError("--task-search-path", f"'{root}' is not a folder")
         out_root = dest / str(i)
         for folder, dirs, files in os.walk(root):
-            dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
-            rel = Path(folder).relative_to(root)
+            here = Path(folder)
+            dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"
+                       and (here / d).resolve() not in pruned and not _is_run_folder(here / d)]
+            rel = here.relative_to(root)
             (out_root / rel).mkdir(parents=True, exist_ok=True)
             for name in files:
-                src = Path(folder) / name
+                src = here / name
                 dst = out_root / rel / name
                 if name.endswith(YAML_SUFFIXES):
                     rewrite_task_yaml(src, dst)

@@ -37,7 +37,7 @@ def genome_for(family: dict[str, Path], template: Path) -> dict:
 def run_search(genome_path: Path, storage: Path, args) -> None:
     cmd = [str(Path(sys.executable).parent / "mergekit-evolve"), str(genome_path), "--storage-path", str(storage),
            "--workers", str(args.workers), "--max-fevals", str(args.max_fevals),
-           "--seed", str(args.seed), "--batch-size", "64"]
+           "--seed", str(args.seed), "--batch-size", "64", "--wandb"]
     if args.popsize:
         cmd += ["--popsize", str(args.popsize)]
     if (storage / "history.jsonl").exists():

@@ -69,7 +69,7 @@ def test_reduced_demo_search_beats_its_start_and_reports(quick_family, tmp_path)
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-c", "from evolve.cli import main; main()", str(genome),
            "--storage-path", str(storage), "--max-fevals", str(FEVALS), "--popsize", "4",
-           "--workers", "2", "--seed", "0", "--batch-size", "64", "-q"]
+           "--workers", "2", "--seed", "0", "--batch-size", "64", "-q", "--wandb"]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

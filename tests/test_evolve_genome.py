@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -130,7 +131,8 @@ def test_required_parameters_that_do_not_evolve_are_fixed(family):
     space = space_for(genome_for("ties", family, parameters=["density"],
                                  fixed_parameters={"lambda": 0.8}))
     cfg = space.decode(space.initial_vector())
-    assert cfg["parameters"] == {"lambda": 0.8, "weight": 1.0}
+    # normalize: left out of the genome, on for ties as in the reference tool
+    assert cfg["parameters"] == {"normalize": True, "lambda": 0.8, "weight": 1.0}
     MergeConfig.from_dict(cfg)
 
 
@@ -141,7 +143,11 @@ def test_required_parameters_that_do_not_evolve_are_fixed(family):
       "parameters": ["scale"]}, "genome.parameters.scale", "no default search range"),
     ({"merge_method": "nope"}, "genome.merge_method", "unknown method"),
     ({"merge_method": "ties", "base_model": None}, "genome.base_model", "needs a base model"),
-    ({"merge_method": "slerp"}, "genome.models", "exactly 1 model"),
+    ({"merge_method": "slerp"}, "genome.base_model", "picks both endpoints"),
+    ({"merge_method": "slerp", "base_model": None, "models": ["c0"]}, "genome.models",
+     "at least two"),
+    ({"merge_method": "slerp", "base_model": None, "filters": ["mlp"]}, "genome.filters",
+     "no filters"),
     ({"layer_granularity": 3}, "genome.layer_granularity", "does not divide the 4 layers"),
     ({"parameters": ["gamma"]}, "genome.parameters.gamma", "has no parameter"),
     ({"parameters": ["normalize"]}, "genome.parameters.normalize", "switch"),
@@ -223,3 +229,130 @@ def test_help_is_fast_and_imports_nothing_heavy():
     help_out = subprocess.run([sys.executable, "-c", "from evolve.cli import main; main()",
                                "--help"], capture_output=True, text=True)
     assert help_out.returncode == 0 and "--storage-path" in help_out.stdout
+
+
+# --- genomes written for the reference tool (tests/genomes/, see its README) ----------------------
+GENOMES = Path(__file__).parent / "genomes"
+PLACEHOLDERS = ("MODEL_A", "MODEL_B", "MODEL_C", "BASE")
+
+
+def reference_genome(name: str, models: dict, folder: Path) -> Path:
+    """A corpus genome with its placeholders replaced by model folders."""
+    text = (GENOMES / name).read_text()
+    for key in PLACEHOLDERS:
+        if key in models:
+            text = text.replace(key, str(models[key]))
+    path = Path(folder) / name
+    path.write_text(text)
+    return path
+
+
+def _slerp_pairs(cfg, models):
+    assert cfg["merge_method"] == "nuslerp" and "base_model" not in cfg
+    for s in cfg["slices"]:
+        a, b = s["sources"]
+        assert a["layer_range"] == b["layer_range"]
+        assert a["parameters"]["weight"] + b["parameters"]["weight"] == pytest.approx(1.0)
+        assert {a["model"], b["model"]} <= set(models)
+
+
+# What the reference reads in each (mergekit/evo/genome.py): normalize on for linear, ties and
+# dare_ties when left out, off for task_arithmetic; bfloat16 always; slerp over models' weights.
+CORPUS = {
+    "docs_general_syntax.yml": lambda cfg, space, m: (
+        cfg["parameters"] == {"normalize": False} and len(cfg["slices"]) == 2
+        and space.dim == 2 * 3 * 2 * 2),   # blocks × filter groups × (weight, density) × models
+    "dare_ties_reference.yml": lambda cfg, space, m: cfg["parameters"]["normalize"] is True,
+    "ties_filters.yml": lambda cfg, space, m: (
+        cfg["parameters"]["normalize"] is True
+        and [e.get("filter") for e in cfg["models"][0]["parameters"]["weight"]]
+        == ["self_attn", "mlp", None]),
+    "task_arithmetic_negative.yml": lambda cfg, space, m: (
+        cfg["parameters"]["normalize"] is False and set(space.lower) == {-1.0}
+        and len(cfg["slices"]) == 4),
+    "linear_smooth.yml": lambda cfg, space, m: (
+        cfg["parameters"]["normalize"] is True
+        and all(len(e["parameters"]["weight"]) == 2 for e in cfg["models"])),
+    "linear_bare_tasks.yml": lambda cfg, space, m: (
+        cfg["parameters"] == {"normalize": True} and "slices" not in cfg),
+    "slerp_two_models.yml": lambda cfg, space, m: (
+        _slerp_pairs(cfg, [m["MODEL_A"], m["MODEL_B"]]) is None and len(cfg["slices"]) == 2
+        and space.dim == 2 * 2),
+    "slerp_three_models.yml": lambda cfg, space, m: (
+        _slerp_pairs(cfg, [m["MODEL_A"], m["MODEL_B"], m["MODEL_C"]]) is None
+        and space.dim == 2 * 3),
+    "slerp_base_in_models.yml": lambda cfg, space, m: (
+        _slerp_pairs(cfg, [m["BASE"], m["MODEL_A"]]) is None and len(cfg["slices"]) == 1),
+    "tokenizer_source.yml": lambda cfg, space, m: (
+        cfg["tokenizer_source"] == "base" and cfg["parameters"]["normalize"] is True),
+}
+
+
+def test_the_corpus_is_complete():
+    assert sorted(p.name for p in GENOMES.glob("*.yml")) == sorted(CORPUS)
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_reference_genomes_are_read_as_the_reference_reads_them(family, name, tmp_path, capsys):
+    from evolve.cli import main
+    from evolve.genome import load_evolve_config
+
+    models = {"BASE": str(family["base"]), "MODEL_A": str(family["c0"]),
+              "MODEL_B": str(family["c1"]), "MODEL_C": str(family["c2"])}
+    path = reference_genome(name, models, tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([str(path), "--dry-run"])
+    out = capsys.readouterr()
+    assert e.value.code == 0, out.err
+    cfg = yaml.safe_load(out.out.split("starting point (decoded merge config):")[1])
+    validate(MergeConfig.from_dict(cfg))
+    assert cfg["dtype"] == "bfloat16"                 # evaluated and written as the reference
+    genome = load_evolve_config(path)
+    assert all(t.name == "evo_toy" for t in genome.tasks)
+    assert CORPUS[name](cfg, GenomeSpace.build(genome.genome), models)
+
+
+def test_slerp_over_several_models_interpolates_the_two_highest_weights(family):
+    import math
+
+    space = space_for({"models": [str(family[c]) for c in ("c0", "c1", "c2")],
+                       "merge_method": "slerp", "layer_granularity": 2})
+    # genes: block → model
+    cfg = space.decode([0.2, 0.9, 0.5, 0.7, 0.1, 0.7])
+    first, second = cfg["slices"]
+    assert [s["model"] for s in first["sources"]] == [str(family["c1"]), str(family["c2"])]
+    t = 1 / (1 + math.exp(0.9 - 0.5))          # softmax of the two highest, second component
+    assert first["sources"][1]["parameters"]["weight"] == pytest.approx(t)
+    # a tie keeps the model listed first as the start of the interpolation
+    assert [s["model"] for s in second["sources"]] == [str(family["c0"]), str(family["c2"])]
+    assert second["sources"][1]["parameters"]["weight"] == pytest.approx(0.5)
+
+
+def test_reference_cli_options_are_accepted_or_name_ours(family, tmp_path, capsys):
+    from evolve.cli import main
+
+    path = reference_genome("dare_ties_reference.yml", {
+        "BASE": family["base"], "MODEL_A": family["c0"], "MODEL_B": family["c1"]}, tmp_path)
+
+    def cli(*args):
+        with pytest.raises(SystemExit) as e:
+            main([str(path), *map(str, args)])
+        return e.value.code, capsys.readouterr().err
+
+    code, err = cli("--dry-run", "--strategy", "buffered", "--in-memory", "--random-seed", 3,
+                    "--force-population-size", 6, "--save-final-model", "--no-reshard",
+                    "--i-understand-the-depths-of-the-evils-i-am-unleashing", "--sigma0", 0.2,
+                    "--merge-cuda", "--no-trust-remote-code", "--no-allow-crimes")
+    assert code == 0, err
+    assert "note: --strategy buffered" in err and "note: --reshard" in err
+    for args, expect in [
+            (["--vllm"], "--backend vllm: vLLM is not installed"),
+            (["--load-in-8bit"], "--load-in-8bit: quantized evaluation is not supported"),
+            (["--no-merge-cuda"],
+             "--no-merge-cuda: merging runs on the device that evaluates; use --device cpu"),
+            (["--allow-crimes"], "--allow-crimes: "),
+            (["--vllm", "--backend", "hf"], "--vllm: contradicts --backend hf")]:
+        code, err = cli("--storage-path", tmp_path / "run", *args)
+        assert code == 2 and err.startswith("error: " + expect.split(":")[0]), err
+        assert expect in err and len(err.strip().splitlines()) == 1, err
+        assert "--limit" not in err

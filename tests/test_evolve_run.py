@@ -3,12 +3,6 @@ tiny models merged in memory, W&B offline. One Ray session is shared by the in-p
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,8 +37,8 @@ def test_search_runs_to_completion_and_writes_every_output(
     path = make_genome(tmp_path / "g.yaml", genome(family), limit=16)
     storage = tmp_path / "run"
     code, out, err = run_cli([path, "--storage-path", storage, "--task-search-path", toy_task_dir,
-                              "--workers", 2, "--popsize", 4, "--max-fevals", 8, "--seed", 3],
-                             capsys)
+                              "--workers", 2, "--popsize", 4, "--max-fevals", 8, "--seed", 3,
+                              "--wandb"], capsys)
     assert code == 0, err
     assert "stopped (max-fevals) after 8 evaluations, 2 generation(s)" in out
 
@@ -165,7 +159,7 @@ def test_bad_inputs_fail_in_one_line_before_any_worker_starts(
         "unreachable_ray": "--ray-address: nothing answers at 127.0.0.1:1",
         "vllm": "--backend vllm: vLLM is not installed",
         # without CUDA the local run stops at --device; with one GPU, at Ray's resources
-        "too_many_gpus": ("--workers: 2 worker(s) × 1 GPU need 2 GPU but the Ray cluster has"
+        "too_many_gpus": ("--workers: 2 worker(s) × 1 GPU need 2 GPU but this machine has"
                           if torch.cuda.is_available() else
                           "--device: cuda requested but this machine has no CUDA GPU"),
         "different_genome": "--resume: ",
@@ -212,56 +206,3 @@ def test_bad_inputs_fail_in_one_line_before_any_worker_starts(
 def test_usage_errors_are_one_line_too(capsys):
     code, _, err = run_cli(["--max-fevals", "0", "x.yaml"], capsys)
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
-
-
-@pytest.fixture
-def short_tmp():
-    """A short temp root for the subprocesses: the killed driver cannot remove its Ray session
-    folder, so it goes where we delete it (and Ray's socket paths stay short)."""
-    path = tempfile.mkdtemp(prefix="evt-", dir="/tmp")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def test_killed_driver_resumes_with_every_evaluation_exactly_once(
-        family, toy_task_dir, tmp_path, make_genome, short_tmp):
-    """SIGKILL the driver process (and so its private Ray cluster) after the second generation;
-    `--resume` finishes the search, reusing every evaluation already in the history."""
-    path = make_genome(tmp_path / "g.yaml", genome(family), limit=40)
-    storage = tmp_path / "run"
-    cmd = [sys.executable, "-c", "from evolve.cli import main; main()", str(path),
-           "--storage-path", str(storage), "--task-search-path", str(toy_task_dir),
-           "--workers", "2", "--popsize", "4", "--max-fevals", "16", "--no-wandb",
-           "--no-merge-best", "-q"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "TMPDIR": str(short_tmp)}
-    history = storage / "history.jsonl"
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 180
-        n = 0
-        while time.monotonic() < deadline and proc.poll() is None:
-            n = len(history.read_text().splitlines()) if history.exists() else 0
-            if n >= 9:      # two generations done, the third in flight
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        # The driver's Ray processes share its session: end exactly those.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    before = [json.loads(line) for line in history.read_text().splitlines()]
-    assert 9 <= len(before) < 16
-    done = subprocess.run(cmd[:-1] + ["--resume"], env=env, capture_output=True, text=True,
-                          cwd=tmp_path, start_new_session=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    after = [json.loads(line) for line in history.read_text().splitlines()]
-    keys = [(r["generation"], r["index"]) for r in after]
-    assert len(after) == 16 and len(set(keys)) == 16
-    assert sorted(keys) == [(g, i) for g in range(4) for i in range(4)]
-    assert after[:len(before)] == before                  # nothing rewritten or repeated
-    assert f"{len(before)}/16 evaluations done" in done.stderr

@@ -140,6 +140,11 @@ def test_storage_identity_checks(tmp_path):
     store = RunStore(tmp_path / "run")
     assert store.prepare({"g": 1}, resume=False) is False
     store.write_run({"identity": {"g": 1}, "started": "then"})
+    # a run that never reached its first checkpoint (a start that failed or was killed) does
+    # not block the next start
+    assert store.prepare({"g": 2}, resume=False) is False and not store.run_json.exists()
+    store.write_run({"identity": {"g": 1}, "started": "then"})
+    store.save_checkpoint({"generation": 0})
     with pytest.raises(EvomergeError, match="already holds a run.*--resume"):
         store.prepare({"g": 1}, resume=False)
     with pytest.raises(EvomergeError, match=r"different genome \(g differs\)"):

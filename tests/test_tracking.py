@@ -63,7 +63,7 @@ def test_gene_names_are_readable_unique_and_in_genome_order():
                          "weight[c0, layers 0-1, rest]", "weight[c1, layers 0-1, rest]"]
     assert names[-1] == "weight[c1, layers 2-3, rest]"
     # one block, no filters, a shared parameter: just the parameter's name
-    slerp = space_for({"models": ["a/x", "b/y"], "merge_method": "slerp", "base_model": "a/x"})
+    slerp = space_for({"models": ["b/y"], "merge_method": "slerp", "base_model": "a/x"})
     assert tracking.gene_names(slerp) == ["t"]
     # models whose last path component is the same keep their full reference
     same = space_for({"models": ["a/model", "b/model"], "merge_method": "linear"})
@@ -239,7 +239,8 @@ def test_offline_run_holds_metrics_tables_and_best_config_artifact(
     storage = tmp_path / "run"
     code, out, err = run_cli([path, "--storage-path", storage, "--task-search-path", toy_task_dir,
                               "--workers", 2, "--popsize", 4, "--max-fevals", 12, "--seed", 5,
-                              "--limit", 12, "--layer-granularity", 2, "--no-merge-best"], capsys)
+                              "--limit", 12, "--layer-granularity", 2, "--no-merge-best",
+                              "--wandb"], capsys)
     assert code == 0, err
     meta = json.loads((storage / "run.json").read_text())
     assert meta["overrides"] == {"limit": 12, "layer_granularity": 2}
