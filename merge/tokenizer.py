@@ -67,18 +67,19 @@ def _append_tokens(out: Path, vp) -> None:
     start = len(vp.tokens) - len(vp.added)
     cfg_path = out / "tokenizer_config.json"
     tok_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    decoder = tok_cfg.setdefault("added_tokens_decoder", {})
-    for k, (token, special) in enumerate(vp.added):
-        entry = {"id": start + k, "content": token, "single_word": False, "lstrip": False,
-                 "rstrip": False, "normalized": not special, "special": special}
-        data.setdefault("added_tokens", []).append(entry)
-        decoder[str(start + k)] = {key: v for key, v in entry.items() if key != "id"}
+    decoder = tok_cfg.get("added_tokens_decoder")   # older tokenizer configs repeat the list
+    for k, entry in enumerate(vp.added):
+        data.setdefault("added_tokens", []).append({"id": start + k, **entry})
+        if decoder is not None:
+            decoder[str(start + k)] = dict(entry)
     tj.write_text(json.dumps(data, ensure_ascii=False, indent=2))
-    cfg_path.write_text(json.dumps(tok_cfg, ensure_ascii=False, indent=2))
+    if decoder is not None:
+        cfg_path.write_text(json.dumps(tok_cfg, ensure_ascii=False, indent=2))
     from tokenizers import Tokenizer
 
     vocab = Tokenizer.from_file(str(tj)).get_vocab(with_added_tokens=True)
-    for k, (token, _) in enumerate(vp.added):
+    for k, entry in enumerate(vp.added):
+        token = entry["content"]
         if vocab.get(token) != start + k:
             raise EvomergeError(f"tokenizer: could not give token {token!r} id {start + k} (the "
                                 f"source tokenizer's ids have gaps); choose another source")
@@ -101,7 +102,8 @@ def chat_template(plan) -> Optional[str]:
     if choice is None:
         return None
     if choice == "auto":
-        found = [t for t in (_template_of(s.folder) for s in plan.sources.values()) if t]
+        found = [t.strip() for t in (_template_of(s.folder) for s in plan.sources.values())
+                 if t and t.strip()]
         return Counter(found).most_common(1)[0][0] if found else None
     if choice in TEMPLATES:
         return TEMPLATES[choice]
