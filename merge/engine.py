@@ -308,7 +308,8 @@ class InMemoryMerger:
         cfg_dict = dict(plan.out_config)
         model_type = cfg_dict.pop("model_type")
         hf_config = AutoConfig.for_model(model_type, **cfg_dict)
-        dtype = _torch_dtype(plan.out_config.get("torch_dtype")) or torch.float32
+        dtype = _torch_dtype(plan.out_config.get("dtype") or plan.out_config.get("torch_dtype")) \
+            or torch.float32
         model = AutoModelForCausalLM.from_config(
             hf_config, torch_dtype=dtype, trust_remote_code=self.options.trust_remote_code)
         model.to(self.options.device)
