@@ -18,26 +18,50 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "vocab.txt")
 
+# The built-in templates render exactly what the reference toolkit's templates of the same names
+# render (checked on conversations with and without system messages), whitespace included.
 TEMPLATES = {
     "chatml": (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
-        "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+        "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
     "llama3": (
-        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-        "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+        "{% for message in messages %}{% if loop.first %}{{ bos_token }}{% endif %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + "
+        "message['content'] | trim + '<|eot_id|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
         "{% endif %}"),
     "alpaca": (
-        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + "
-        "'\\n\\n' }}{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + "
-        "message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
-        "{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}{% endif %}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"),
+        "{% set system = messages | selectattr('role', 'equalto', 'system') | list %}"
+        "{{ (system | last).content | trim if system else '' }}{{ '\n\n' }}"
+        "{% set headers = {'user': '### Instruction:\n', 'assistant': '### Response:\n', "
+        "'user_context': '### Input:\n'} %}"
+        "{% for message in messages %}{% if message['role'] in headers %}"
+        "{{ headers[message['role']] + message['content'] | trim }}"
+        "{% if not loop.last %}{{ '\n\n' }}{% endif %}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}"
+        "{{ '### Response:\n' }}{% endif %}"),
     "mistral": (
-        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-        "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-        "{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"),
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set turns = messages[1:] %}{% else %}{% set turns = messages %}{% endif %}"
+        "{{ bos_token }}{% for message in turns %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('After the optional system message, roles must alternate "
+        "user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ ' [INST] ' }}"
+        "{% if loop.first and system is defined %}{{ system + '\n\n' }}{% endif %}"
+        "{{ message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
+        "{% else %}{{ raise_exception('Only user and assistant roles are supported, besides an "
+        "optional first system message') }}{% endif %}{% endfor %}"),
+    "exaone": (
+        "{% for message in messages %}"
+        "{% if loop.first and message['role'] != 'system' %}"
+        "{{ '        [|system|][|endofturn|]\n\n' }}{% endif %}"
+        "{{ '    [|' + message['role'] + '|]' + message['content'] + '\n' }}"
+        "{% if message['role'] == 'user' %}{{ '        \n\n' }}"
+        "{% else %}{{ '        [|endofturn|]\n\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '    [|assistant|]\n' }}{% endif %}"),
 }
 
 
