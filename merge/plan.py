@@ -378,6 +378,11 @@ def _rows(src: ModelSource, arch) -> int:
 
 def _value(spec, found, path: str, model: Optional[str], method: Method, tensor: str):
     if found is None:
+        if spec.required and path == "base_model":
+            raise ConfigError(f"base_model", f"{method.name} merges the base model as one more "
+                                             f"input (as mergekit does) and needs its "
+                                             f"'{spec.name}'; list the base under models with a "
+                                             f"'{spec.name}', or set it in the top-level parameters")
         if spec.required:
             who = f" for '{model}'" if model else ""
             raise ConfigError(f"{path}.parameters.{spec.name}" if model else f"parameters.{spec.name}",

@@ -252,7 +252,7 @@ def test_per_model_filters_see_the_source_tensor_name(family):
 def test_methods_without_a_base_merge_the_base_model_too(family):
     models = [{"model": str(family[c]), "parameters": {"weight": 1.0}} for c in ("c0", "c1")]
     cfg = {"merge_method": "linear", "base_model": str(family["base"]), "models": models}
-    with pytest.raises(ConfigError, match=r"weight.*base"):
+    with pytest.raises(ConfigError, match=r"base_model: linear merges the base model.*weight"):
         build_plan(MergeConfig.from_dict(cfg))
     cfg["parameters"] = {"weight": 2.0}
     out = merged(cfg)
