@@ -165,7 +165,8 @@ def plan_vocab(cfg, sources: dict[str, Any], truncate: bool,
                 r[j] = i
         model_rows[ref] = r
 
-    configured, forced = _configured_rows(tokens_cfg, sources, vocabs, rows, out_id, model_rows)
+    configured, forced = _configured_rows(tokens_cfg, sources, vocabs, rows, out_id, model_rows,
+                                           warn)
     size = -(-n // pad) * pad if pad else n
     return VocabPlan(tokens, size, model_rows, configured, forced, cfg.base_model, source,
                      tokenizer_from=start, added=added)
@@ -189,7 +190,7 @@ def _truncated(rows: dict[str, int]) -> VocabPlan:
     return VocabPlan([], n, {ref: list(range(n)) for ref in rows}, source="truncate")
 
 
-def _configured_rows(tokens_cfg: dict, sources, vocabs, rows, out_id, model_rows):
+def _configured_rows(tokens_cfg: dict, sources, vocabs, rows, out_id, model_rows, warn):
     """`tokenizer.tokens` entries → fill rows and forced ids, each checked before any tensor loads."""
     configured: dict[int, tuple] = {}
     forced: set[int] = set()
@@ -200,9 +201,8 @@ def _configured_rows(tokens_cfg: dict, sources, vocabs, rows, out_id, model_rows
         if not isinstance(entry, dict):
             raise ConfigError(path, "give {source: MODEL} or {source: {kind: model_token, model: "
                                     "MODEL, token: T | token_id: N}} or {source: {kind: zero}}")
-        unknown = set(entry) - {"source", "force"}
-        if unknown:
-            raise ConfigError(path, f"unknown key(s) {sorted(unknown)}; use source and force")
+        for key in sorted(set(entry) - {"source", "force"}):
+            warn(f"{path}.{key}: unknown key, ignored (a token entry takes source and force)")
         force = entry.get("force", False)
         if not isinstance(force, bool):
             raise ConfigError(path + ".force", f"must be true or false, got {force!r}")
