@@ -154,7 +154,8 @@ def _merge_vocab_tensor(plan: Plan, tp: TensorPlan, load, seed, out_dtype, out=N
     from merge.vocab import reindex
 
     members = ([tp.base] if tp.base else []) + list(tp.inputs)
-    rows = reindex(plan.vocab, {m.model: load(m) for m in members})
+    rows = reindex(plan.vocab, {m.model: load(m) for m in members},
+                   tp.base.model if tp.base else None)
     inputs = MergeInputs(tp.name, [rows[i.model] for i in tp.inputs],
                          rows[tp.base.model] if tp.base else None, tp.model_params, tp.params,
                          seed, out_dtype, out=out)

@@ -250,9 +250,10 @@ def _configured_rows(tokens_cfg: dict, sources, vocabs, rows, out_id, model_rows
 
 # --- execution ----------------------------------------------------------------------------------
 
-def reindex(vp: VocabPlan, raw: dict[str, Any]) -> dict[str, Any]:
+def reindex(vp: VocabPlan, raw: dict[str, Any], base: Optional[str] = None) -> dict[str, Any]:
     """Each model's tensor with rows in output-vocabulary order: own rows where it has the token
-    (and it is not forced), fill rows elsewhere, padding rows the model's mean row."""
+    (and it is not forced), fill rows elsewhere, padding rows the model's mean row. `base` is the
+    base this tensor is merged against (a slice's own base_model), else the config's."""
     import functools
 
     import torch
@@ -299,10 +300,11 @@ def reindex(vp: VocabPlan, raw: dict[str, Any]) -> dict[str, Any]:
         donor = free & (count == 1)
         fill = torch.where(donor.view(shape), total, fill)
         several = free & (count > 1)
-        if vp.base in raw:
-            from_base = several & present[vp.base]
-            fill = torch.where(from_base.view(shape), own[vp.base], fill)
-            several = several & ~present[vp.base]
+        base = base or vp.base
+        if base in raw:
+            from_base = several & present[base]
+            fill = torch.where(from_base.view(shape), own[base], fill)
+            several = several & ~present[base]
         mean = total / count.clamp_min(1).to(dtype).view(shape)
         fill = torch.where(several.view(shape), mean, fill)
 
