@@ -267,53 +267,65 @@ def reindex(vp: VocabPlan, raw: dict[str, Any], base: Optional[str] = None) -> d
     if vp.source == "truncate":
         return {m: t[:n] for m, t in raw.items()}
 
-    own, present = {}, {}
+    own, present, borrowed = {}, {}, set()
     for m in models:
         idx = torch.tensor(vp.rows[m], dtype=torch.long, device=device)
         have = idx >= 0
-        x = torch.zeros((n, *rest), dtype=dtype, device=device)
-        x[have] = raw[m][idx[have]].to(dtype)
-        own[m], present[m] = x, have
+        if vp.size == n == raw[m].shape[0] and bool((idx == torch.arange(n, device=device)).all()):
+            own[m] = raw[m].to(dtype)      # already in output order: no copy
+            borrowed.add(m)
+        else:
+            own[m] = torch.zeros((vp.size, *rest), dtype=dtype, device=device)
+            own[m][:n][have] = raw[m][idx[have]].to(dtype)
+        present[m] = have
     count = torch.stack([present[m] for m in models]).sum(0)
     forced = torch.zeros(n, dtype=torch.bool, device=device)
     if vp.forced:
         forced[list(vp.forced)] = True
-    need = forced | (count < len(models))
-
-    fill = torch.zeros((n, *rest), dtype=dtype, device=device)
-    if bool(need.any()):
-        configured = torch.zeros(n, dtype=torch.bool, device=device)
+    # Fill rows are needed only where some model lacks the token or it is forced: usually a few
+    # added tokens, so the work (and memory) stays proportional to those rows.
+    need = (forced | (count < len(models))).nonzero().flatten()
+    if need.numel():
+        slot = {int(j): k for k, j in enumerate(need.tolist())}
+        sub_own = {m: own[m][need] for m in models}
+        sub_have = {m: present[m][need] for m in models}
+        sub_count = count[need]
+        fill = torch.zeros((len(slot), *rest), dtype=dtype, device=device)
+        configured = torch.zeros(len(slot), dtype=torch.bool, device=device)
         for j, spec in vp.configured.items():
-            configured[j] = True
+            if j not in slot:
+                continue
+            configured[slot[j]] = True
             if spec == ZERO:
                 continue
             _, model, row = spec
             if model not in raw:
                 raise EvomergeError(f"tokenizer.tokens: the row of token {vp.tokens[j]!r} comes "
                                     f"from '{model}', which does not contribute to this tensor")
-            fill[j] = raw[model][row].to(dtype)
-        free = need & ~configured
-        total = torch.zeros((n, *rest), dtype=dtype, device=device)
+            fill[slot[j]] = raw[model][row].to(dtype)
+        free = ~configured
+        total = torch.zeros_like(fill)
         for m in models:           # models lacking a token hold zeros there
-            total += own[m]
+            total += sub_own[m]
         shape = (-1,) + (1,) * len(rest)
-        donor = free & (count == 1)
-        fill = torch.where(donor.view(shape), total, fill)
-        several = free & (count > 1)
+        fill = torch.where((free & (sub_count == 1)).view(shape), total, fill)  # the only donor
+        several = free & (sub_count > 1)
         base = base or vp.base
         if base in raw:
-            from_base = several & present[base]
-            fill = torch.where(from_base.view(shape), own[base], fill)
-            several = several & ~present[base]
-        mean = total / count.clamp_min(1).to(dtype).view(shape)
+            fill = torch.where((several & sub_have[base]).view(shape), sub_own[base], fill)
+            several = several & ~sub_have[base]
+        mean = total / sub_count.clamp_min(1).to(dtype).view(shape)
         fill = torch.where(several.view(shape), mean, fill)
+        sub_forced = forced[need]
+        for m in models:
+            replace = ~(sub_have[m] & ~sub_forced)
+            if bool(replace.any()):
+                if m in borrowed:          # never write into the caller's (cached) tensor
+                    own[m] = own[m].clone()
+                    borrowed.discard(m)
+                own[m][need[replace]] = fill[replace]
 
-    out = {}
-    for m in models:
-        keep = (present[m] & ~forced).view((-1,) + (1,) * len(rest))
-        x = torch.where(keep, own[m], fill)
-        if vp.size > n:
-            pad = x.mean(0, keepdim=True).expand((vp.size - n, *rest))
-            x = torch.cat([x, pad])
-        out[m] = x
-    return out
+    if vp.size > n:
+        for m in models:
+            own[m][n:] = own[m][:n].mean(0)
+    return own
