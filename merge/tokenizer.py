@@ -73,8 +73,9 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
 
 def write_tokenizer(plan, out: Path) -> None:
     vp = plan.vocab
-    source = vp.tokenizer_from if vp is not None and vp.tokenizer_from else plan.reference
-    copy_tokenizer_files(plan.sources[source].folder, out)
+    folder = (vp.tokenizer_folder if vp is not None and vp.tokenizer_folder
+              else plan.sources[plan.reference].folder)
+    copy_tokenizer_files(folder, out)
     if vp is not None and vp.added:
         _append_tokens(out, vp)
     template = chat_template(plan)

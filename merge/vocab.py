@@ -37,6 +37,7 @@ class VocabPlan:
     base: Optional[str] = None               # the config's base model: fills rows others lack
     source: str = "base"                     # base | union | model reference | truncate
     tokenizer_from: Optional[str] = None     # model whose tokenizer files are the starting point
+    tokenizer_folder: Optional[Path] = None  # its folder (it need not be one of the merged models)
     added: list[dict] = field(default_factory=list)  # added-token entries appended to it, in id order
 
     @property
@@ -117,12 +118,19 @@ def plan_vocab(cfg, sources: dict[str, Any], truncate: bool,
         return None
 
     field_name = "tokenizer.source" if tok_cfg else "tokenizer_source"
-    if source not in ("base", "union") and source not in sources:
-        raise ConfigError(field_name, f"'{source}' is not one of the merged models; use base, union "
-                                      f"or one of {', '.join(sources)}")
     order = cfg.referenced_models()          # base first, then the models as listed
     first = cfg.base_model or order[0]       # no base model: the first model plays its part
     vocabs = {ref: tokenizer_vocab(src.folder, src.label) for ref, src in sources.items()}
+    folders = {ref: src.folder for ref, src in sources.items()}
+    if source not in ("base", "union") and source not in sources:
+        # a model outside the merge lends only its tokenizer, as in the reference
+        from merge.sources import ModelRef, resolve_folder
+
+        folders[source] = resolve_folder(ModelRef.parse(source), field_name)
+        if not any((folders[source] / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise ConfigError(field_name, f"'{source}' has no tokenizer files; use base, union, "
+                                          f"one of the merged models or a folder with a tokenizer")
+        vocabs[source] = tokenizer_vocab(folders[source], field_name)
     tokens_cfg = (tok_cfg.tokens if tok_cfg else None) or {}
     pad = tok_cfg.pad_to_multiple_of if tok_cfg else None
     if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
@@ -158,6 +166,8 @@ def plan_vocab(cfg, sources: dict[str, Any], truncate: bool,
         tokens[i] = tok
     model_rows = {}
     for ref, v in vocabs.items():
+        if ref not in sources:
+            continue
         r = [-1] * n
         for j, tok in enumerate(tokens):
             i = v.ids.get(tok, -1) if tok is not None else -1
@@ -169,7 +179,7 @@ def plan_vocab(cfg, sources: dict[str, Any], truncate: bool,
                                            warn)
     size = -(-n // pad) * pad if pad else n
     return VocabPlan(tokens, size, model_rows, configured, forced, cfg.base_model, source,
-                     tokenizer_from=start, added=added)
+                     tokenizer_from=start, tokenizer_folder=folders[start], added=added)
 
 
 def _same_tokenizers(sources) -> bool:

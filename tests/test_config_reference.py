@@ -302,3 +302,16 @@ def test_builtin_chat_templates_render_like_the_reference():
                                 "<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert render("alpaca") == "S\n\n### Instruction:\nhi\n\n### Response:\nyo"
     assert render("mistral") == "<s> [INST] S\n\n hi  [/INST] yo</s>"
+
+
+def test_a_model_outside_the_merge_can_lend_its_tokenizer(added_family, tmp_path):
+    lender = tmp_path / "lender"
+    lender.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (lender / name).write_bytes((added_family["x"] / name).read_bytes())
+    cfg = ties(added_family, "c0", "c1", tokenizer_source=str(lender))
+    merge_to_folder(MergeConfig.from_dict(cfg), tmp_path / "o", MergeOptions(quiet=True))
+    out = load_state(tmp_path / "o")
+    assert out[EMBED].shape[0] == N_TOKENS + 2
+    assert torch.count_nonzero(out[EMBED][N_TOKENS:]) == 0      # no merged model has <x1>, <x2>
+    assert "<x2>" in (tmp_path / "o" / "tokenizer.json").read_text()
