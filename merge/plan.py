@@ -356,7 +356,9 @@ def _tensor_plan(cfg: MergeConfig, method: Method, sources, archs, sl: _Slice, o
                 levels = [(spath + ".parameters", s.parameters)] + global_levels
                 # per-model values are looked up by the model's own tensor name (as the
                 # reference does): a filter on a layer number sees the source layer
-                model_pos = pos.renamed(inputs[k].tensor)
+                logical = (archs[s.model].layer_tensor(s.layer_range[0] + layer, key)
+                           if layer is not None else key)   # a tied head is still lm_head
+                model_pos = pos.renamed(logical)
                 model_params[k][pname] = _value(spec, resolve(levels, pname, model_pos), spath,
                                                 s.model, method, out_name)
         else:
