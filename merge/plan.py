@@ -343,6 +343,8 @@ def _tensor_plan(cfg: MergeConfig, method: Method, sources, archs, sl: _Slice, o
     shape = (vocab.size, *ref_info.shape[1:]) if is_vocab else ref_info.shape
     copy_only = ref_info.dtype not in _FLOAT_CODES
     out_dtype = ref_info.dtype
+    if not copy_only:
+        out_dtype = _promoted([info.dtype for _, info in infos])
     if not copy_only and (cfg.out_dtype or cfg.dtype):
         out_dtype = {"float32": "F32", "float16": "F16", "bfloat16": "BF16",
                      "float64": "F64"}[cfg.out_dtype or cfg.dtype]
@@ -371,6 +373,17 @@ def _tensor_plan(cfg: MergeConfig, method: Method, sources, archs, sl: _Slice, o
                               f"{problem} (tensor '{out_name}')")
     return TensorPlan(out_name, shape, out_dtype, inputs, base, model_params, params, copy_only,
                       is_vocab)
+
+
+def _promoted(codes: list[str]) -> str:
+    """The dtype torch promotes mixed float inputs to (what the reference then saves, when no
+    dtype is configured): float16 with bfloat16 gives float32."""
+    floats = {c for c in codes if c in _FLOAT_CODES}
+    if len(floats) <= 1:
+        return codes[0]
+    if "F64" in floats:
+        return "F64"
+    return "F32"
 
 
 def _rows(src: ModelSource, arch) -> int:
