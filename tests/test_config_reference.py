@@ -315,3 +315,13 @@ def test_a_model_outside_the_merge_can_lend_its_tokenizer(added_family, tmp_path
     assert out[EMBED].shape[0] == N_TOKENS + 2
     assert torch.count_nonzero(out[EMBED][N_TOKENS:]) == 0      # no merged model has <x1>, <x2>
     assert "<x2>" in (tmp_path / "o" / "tokenizer.json").read_text()
+
+
+def test_mixed_precision_inputs_give_the_promoted_dtype(family, family_bf16):
+    cfg = {"merge_method": "linear",
+           "models": [{"model": str(family_bf16["c0"]), "parameters": {"weight": 1.0}},
+                      {"model": str(family["c0"]), "parameters": {"weight": 1.0}}]}
+    plan = build_plan(MergeConfig.from_dict(cfg))
+    assert {t.dtype for t in plan.tensors} == {"F32"} and plan.out_config["dtype"] == "float32"
+    cfg["dtype"] = "bfloat16"
+    assert {t.dtype for t in build_plan(MergeConfig.from_dict(cfg)).tensors} == {"BF16"}
