@@ -74,6 +74,19 @@ def as_number(v: Any) -> Any:
     return v
 
 
+_TRUE = {"true", "t", "yes", "y", "on", "1"}      # the strings pydantic (the reference) reads as bools
+_FALSE = {"false", "f", "no", "n", "off", "0"}
+
+
+def as_bool(v: Any) -> Any:
+    """'true', 'no', 1, ... → a bool, as the reference's schema reads them; anything else as is."""
+    if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
+        return v.strip().lower() in _TRUE
+    if not isinstance(v, bool) and isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    return v
+
+
 def filter_matches(f: Optional[str], tensor: str) -> bool:
     if f is None or f == "*":
         return True

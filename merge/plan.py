@@ -13,13 +13,11 @@ from merge import architecture
 from merge.config import MergeConfig, SliceSource
 from merge.errors import ConfigError, EvomergeError
 from merge.methods import Method, get_method
-from merge.parameters import Position, as_number, resolve
+from merge.parameters import Position, as_bool, as_number, resolve
 from merge.sources import ModelSource, TensorInfo
 from merge.vocab import VocabPlan, plan_vocab
 
 _FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
-_TRUE = {"true", "t", "yes", "y", "on", "1"}      # the strings pydantic (the reference) reads as bools
-_FALSE = {"false", "f", "no", "n", "off", "0"}
 
 
 @dataclass(frozen=True)
@@ -406,10 +404,9 @@ def _value(spec, found, path: str, model: Optional[str], method: Method, tensor:
         return spec.default
     value, where = found
     if spec.kind is bool:
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        if isinstance(value, bool) or value in (0, 1):
-            return bool(value)
+        value = as_bool(value)
+        if isinstance(value, bool):
+            return value
         raise ConfigError(where, f"must be true or false, got {value!r}")
     value = as_number(value)   # '1e-5': YAML 1.1 reads it as a string, the reference as a number
     if isinstance(value, bool) or not isinstance(value, (int, float)):

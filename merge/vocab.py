@@ -213,7 +213,9 @@ def _configured_rows(tokens_cfg: dict, sources, vocabs, rows, out_id, model_rows
                                     "MODEL, token: T | token_id: N}} or {source: {kind: zero}}")
         for key in sorted(set(entry) - {"source", "force"}):
             warn(f"{path}.{key}: unknown key, ignored (a token entry takes source and force)")
-        force = entry.get("force", False)
+        from merge.parameters import as_bool
+
+        force = as_bool(entry.get("force", False))
         if not isinstance(force, bool):
             raise ConfigError(path + ".force", f"must be true or false, got {force!r}")
         j = out_id[tok]
@@ -242,6 +244,8 @@ def _configured_rows(tokens_cfg: dict, sources, vocabs, rows, out_id, model_rows
                                                         f"model that has it or use kind: zero")
             elif "token_id" in src:
                 row = src["token_id"]
+                if isinstance(row, str) and row.strip().isdigit():
+                    row = int(row)
                 if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < rows[model]:
                     raise ConfigError(path + ".source.token_id",
                                       f"{row!r} is out of range for '{model}' (0 … {rows[model] - 1})")
