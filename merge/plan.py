@@ -112,7 +112,6 @@ class _Slice:
     parameters: Optional[dict]
     base: Optional[tuple[str, SliceSource]]
     inputs: list[tuple[str, SliceSource]]
-    base_model: Optional[str] = None         # the base this slice's vocabulary fills prefer
 
     @property
     def length(self) -> int:
@@ -298,7 +297,7 @@ def _canonical_slices(cfg: MergeConfig, method: Method, archs) -> list[_Slice]:
             raise ConfigError(f"{path}.base_model", f"{method.name} needs a base model; add "
                                                     f"base_model: <path>")
         method.check_model_count(len(inputs), path if cfg.slices else "models")
-        out.append(_Slice(path, srcs, params, base, inputs, base_model))
+        out.append(_Slice(path, srcs, params, base, inputs))
     return out
 
 
