@@ -122,13 +122,3 @@ def module_param_names(config: dict, tensor_names) -> dict[str, str]:
         if new != name:
             out[name] = new
     return out
-
-
-def filter_aliases(filters: set[str], config: dict, tensor_names) -> dict[str, str]:
-    """Loaded-model names for the tensors, for parameter filters, only when some filter occurs in
-    no checkpoint name (Mixtral's `block_sparse_moe` is `mlp` once loaded, and configs written
-    against the loaded names say `filter: mlp`). Otherwise {}, and transformers is not imported."""
-    names = list(tensor_names)
-    if not any(all(f not in n for n in names) for f in filters):
-        return {}
-    return module_param_names(config, names)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from merge.errors import ConfigError
 
@@ -21,7 +21,9 @@ Scalar = Union[bool, int, float, str]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Keys we do not know are kept and reported as warnings, not refused: the reference toolkit
+    # ignores them, and a config it accepts must run here too (see MergeConfig.warnings).
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
 
 def _check_parameters(value: Any) -> Optional[dict[str, Any]]:
@@ -37,8 +39,10 @@ def _check_parameters(value: Any) -> Optional[dict[str, Any]]:
 def _check_value(name: str, v: Any) -> None:
     if isinstance(v, (bool, int, float, str)):
         return
+    if isinstance(v, dict) and "value" in v:   # a single conditional entry, without a list
+        v = [v]
     if isinstance(v, list) and v:
-        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        if all(isinstance(x, (bool, int, float, str)) for x in v):
             return
         if all(isinstance(x, dict) for x in v):
             for entry in v:
@@ -65,11 +69,25 @@ class InputModel(_Strict):
     @field_validator("model", mode="before")
     @classmethod
     def _model_str(cls, v):
-        if isinstance(v, dict) and "model" in v:  # mergekit's nested {model: {model: path}} form
-            v = v["model"]
-        if not isinstance(v, str) or not v.strip():
-            raise ValueError("must be a model path or hub id")
-        return v.strip()
+        return model_reference(v)
+
+
+def model_reference(v: Any) -> str:
+    """A model reference as text: 'path', 'path@rev', 'path+lora'; also the reference toolkit's
+    mapping forms {model: path | {path, revision}, lora: path | {path, revision}}."""
+    def path_text(p):
+        if isinstance(p, dict) and "path" in p:
+            return p["path"] + (f"@{p['revision']}" if p.get("revision") else "")
+        return p
+
+    if isinstance(v, dict) and "model" in v:
+        lora = path_text(v.get("lora"))
+        v = path_text(v["model"])
+        if isinstance(v, str) and isinstance(lora, str) and lora:
+            v = f"{v}+{lora}"
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError("must be a model path or hub id")
+    return v.strip()
 
 
 class SliceSource(InputModel):
@@ -87,11 +105,14 @@ class SliceSource(InputModel):
 class Slice(_Strict):
     sources: list[SliceSource] = Field(min_length=1)
     parameters: Optional[dict[str, Any]] = None
+    base_model: Optional[str] = None     # this slice's base, instead of the top-level one
     _params = field_validator("parameters", mode="before")(lambda cls, v: _check_parameters(v))
+    _base = field_validator("base_model", mode="before")(
+        lambda cls, v: None if v is None else model_reference(v))
 
 
 class TokenizerConfig(_Strict):
-    source: str = "base"
+    source: str = "union"                # the reference's default for the block form
     tokens: Optional[dict[str, Any]] = None
     pad_to_multiple_of: Optional[int] = None
 
@@ -102,9 +123,12 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
 
 
 def canonical_dtype(v: Optional[str]) -> Optional[str]:
-    """A dtype name as users write it (bf16, half, ...) → its torch name; unknown names refused."""
+    """A dtype name as users write it (bf16, half, torch.float16 ...) → its torch name; unknown
+    names refused."""
     if v is None:
         return v
+    if isinstance(v, str) and v.startswith("torch."):
+        v = v[len("torch."):]
     if v not in DTYPES:
         raise ValueError(f"unknown dtype '{v}'; use one of float32, float16, bfloat16")
     return DTYPES[v]
@@ -122,6 +146,7 @@ class MergeConfig(_Strict):
     tokenizer: Optional[TokenizerConfig] = None
     chat_template: Optional[str] = None
     name: Optional[str] = None  # accepted for compatibility with existing configs (not used)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
 
     _params = field_validator("parameters", mode="before")(lambda cls, v: _check_parameters(v))
 
@@ -135,9 +160,7 @@ class MergeConfig(_Strict):
     @field_validator("base_model", mode="before")
     @classmethod
     def _base(cls, v):
-        if isinstance(v, dict) and "model" in v:
-            v = v["model"]
-        return v.strip() if isinstance(v, str) else v
+        return None if v is None else model_reference(v)
 
     _dtype = field_validator("dtype", "out_dtype")(lambda cls, v: canonical_dtype(v))
 
@@ -147,12 +170,24 @@ class MergeConfig(_Strict):
         if not isinstance(data, dict):
             raise ConfigError("config", "the YAML must be a mapping with at least 'merge_method' "
                                         "and 'models' or 'slices'")
+        if data.get("modules") is not None:
+            raise ConfigError("modules", "per-module merges (multimodal models) are not supported; "
+                                         "use 'models' or 'slices'")
+        data = {k: v for k, v in data.items() if not (k in ("models", "slices") and v == []
+                                                      and data.get("slices" if k == "models"
+                                                                    else "models"))}
         try:
             cfg = cls.model_validate(data)
         except ValidationError as e:
             raise _one_line(e) from None
         cfg._check_structure()
+        cfg._warnings = list(_unknown_keys(cfg, "")) + cfg._warnings
         return cfg
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line per key that is accepted but has no effect (the reference ignores it too)."""
+        return self._warnings
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True, by_alias=True)
@@ -187,6 +222,19 @@ class MergeConfig(_Strict):
         for s in self.slices or []:
             refs.extend(src.model for src in s.sources)
         return list(dict.fromkeys(refs))
+
+
+def _unknown_keys(obj: BaseModel, path: str):
+    for key in (obj.model_extra or {}):
+        where = f"{path}.{key}" if path else key
+        yield f"{where}: unknown key, ignored (check its spelling against docs/configuration.md)"
+    for name in type(obj).model_fields:
+        value = getattr(obj, name)
+        items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if isinstance(item, BaseModel):
+                sub = f"{path}.{name}" if path else name
+                yield from _unknown_keys(item, sub if i is None else f"{sub}[{i}]")
 
 
 def _one_line(e: ValidationError) -> ConfigError:

@@ -42,10 +42,27 @@ class MergeOptions:
 
 def validate(config: MergeConfig, options: Optional[MergeOptions] = None,
              cache: Optional[SourceCache] = None) -> Plan:
-    """Check everything that can be checked from headers; load no tensor."""
+    """Check everything that can be checked from headers; load no tensor. Settings that are
+    accepted but have no effect are reported as warnings on stderr (see `report_warnings`)."""
     options = options or MergeOptions()
-    return build_plan(config, cache, allow_crimes=options.allow_crimes,
+    plan = build_plan(config, cache, allow_crimes=options.allow_crimes,
                       truncate_vocab=options.truncate_vocab)
+    report_warnings(plan.warnings)
+    return plan
+
+
+_REPORTED: set[str] = set()
+
+
+def report_warnings(warnings: list[str]) -> None:
+    """Each warning once per process, one line on stderr (`warning: <field>: <what>`): an
+    evolutionary search re-plans the same config shape for every candidate."""
+    import sys
+
+    for w in warnings:
+        if w not in _REPORTED:
+            _REPORTED.add(w)
+            print(f"warning: {w}", file=sys.stderr)
 
 
 def model_layer_count(model_ref: str) -> int:
@@ -106,7 +123,7 @@ def merge_tensor(plan: Plan, tp: TensorPlan, reader: TensorReader, seed: Optiona
     if tp.copy_only:
         return reader.read((tp.base or tp.inputs[0]).model, (tp.base or tp.inputs[0]).tensor)
     if tp.vocab:
-        return _merge_vocab_tensor(plan, tp, load, seed, out_dtype)
+        return _merge_vocab_tensor(plan, tp, load, seed, out_dtype, out)
     inputs = MergeInputs(name=tp.name, tensors=[load(i) for i in tp.inputs],
                          base=load(tp.base) if tp.base else None, model_params=tp.model_params,
                          params=tp.params, seed=seed, out_dtype=out_dtype, out=out)
@@ -129,45 +146,21 @@ def _magnitude_order(cache: dict, tp: TensorPlan, i: int, inputs):
     return order
 
 
-def _merge_vocab_tensor(plan: Plan, tp: TensorPlan, load, seed, out_dtype):
-    """Embedding/head rows: re-index every model to the output vocabulary, then merge.
+def _merge_vocab_tensor(plan: Plan, tp: TensorPlan, load, seed, out_dtype, out=None):
+    """Embedding/head rows: re-index every model to the output vocabulary (fill rows where a model
+    lacks a token, see merge/vocab.py), then run the configured method on them like on any tensor,
+    as the reference toolkit does."""
+    from merge.methods import MergeInputs
+    from merge.vocab import reindex
 
-    Under a built vocabulary the rows are averaged with the models' weights (or interpolated
-    spherically with `embed_slerp`), because filled rows carry no task vector a sparsifying method
-    could meaningfully trim; under --truncate-vocab the method's own kernel runs.
-    """
-    from merge.methods import METHODS, MergeInputs
-    from merge.vocab import apply_forced, reindex
-
-    vp = plan.vocab
     members = ([tp.base] if tp.base else []) + list(tp.inputs)
-    raw = {m.model: load(m) for m in members}
-    rows = reindex(vp, raw)
-    if not vp.linear:
-        inputs = MergeInputs(tp.name, [rows[i.model] for i in tp.inputs],
-                             rows[tp.base.model] if tp.base else None, tp.model_params, tp.params,
-                             seed, out_dtype)
-        return plan.method.kernel(inputs).to(out_dtype)
-    if "weight" in plan.method.params and plan.method.params["weight"].per_model:
-        chosen = list(tp.inputs)
-        weights = [float(p["weight"]) for p in tp.model_params]
-    elif "t" in tp.params and tp.base and len(tp.inputs) == 1:
-        chosen = [tp.base, tp.inputs[0]]
-        weights = [1.0 - float(tp.params["t"]), float(tp.params["t"])]
-    else:
-        chosen, weights = members, [1.0] * len(members)
-    if abs(sum(weights)) < 1e-8:
-        chosen, weights = members, [1.0] * len(members)
-    tensors = [rows[m.model] for m in chosen]
-    if vp.embed_slerp and len(tensors) == 2:
-        t = weights[1] / sum(weights)
-        merged = METHODS["slerp"].kernel(MergeInputs(tp.name, [tensors[1]], tensors[0], [{}],
-                                                     {"t": t}, seed, out_dtype))
-    else:
-        merged = METHODS["linear"].kernel(MergeInputs(tp.name, tensors, None,
-                                                      [{"weight": w} for w in weights],
-                                                      {"normalize": True}, seed, out_dtype))
-    return apply_forced(vp, merged.to(out_dtype), raw)
+    rows = reindex(plan.vocab, {m.model: load(m) for m in members},
+                   tp.base.model if tp.base else None)
+    inputs = MergeInputs(tp.name, [rows[i.model] for i in tp.inputs],
+                         rows[tp.base.model] if tp.base else None, tp.model_params, tp.params,
+                         seed, out_dtype, out=out)
+    result = plan.method.kernel(inputs)
+    return result if result.dtype == out_dtype else result.to(out_dtype)
 
 
 def execute(plan: Plan, sink: Callable[[str, object], None], reader: TensorReader,
@@ -316,7 +309,8 @@ class InMemoryMerger:
         cfg_dict = dict(plan.out_config)
         model_type = cfg_dict.pop("model_type")
         hf_config = AutoConfig.for_model(model_type, **cfg_dict)
-        dtype = _torch_dtype(plan.out_config.get("torch_dtype")) or torch.float32
+        dtype = _torch_dtype(plan.out_config.get("dtype") or plan.out_config.get("torch_dtype")) \
+            or torch.float32
         model = AutoModelForCausalLM.from_config(
             hf_config, torch_dtype=dtype, trust_remote_code=self.options.trust_remote_code)
         model.to(self.options.device)

@@ -13,12 +13,11 @@ from merge import architecture
 from merge.config import MergeConfig, SliceSource
 from merge.errors import ConfigError, EvomergeError
 from merge.methods import Method, get_method
-from merge.parameters import Position, filters_in, resolve
+from merge.parameters import Position, as_bool, as_number, resolve
 from merge.sources import ModelSource, TensorInfo
 from merge.vocab import VocabPlan, plan_vocab
 
 _FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
-UNIVERSAL_PARAMS = {"embed_slerp"}  # top-level switches that apply to any method
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,7 @@ class Plan:
     compute_dtype: Optional[str]
     layer_map: list[tuple[str, int]] = field(default_factory=list)  # output layer → (model, layer)
     vocab: Optional[VocabPlan] = None    # set when embedding rows are re-indexed
+    warnings: list[str] = field(default_factory=list)  # accepted settings that have no effect
 
     @property
     def total_bytes(self) -> int:
@@ -127,8 +127,9 @@ def build_plan(cfg: MergeConfig, cache: Optional[SourceCache] = None,
                allow_crimes: bool = False, truncate_vocab: bool = False) -> Plan:
     method = get_method(cfg.merge_method)
     cache = cache or SourceCache()
-    _check_parameter_names(cfg, method)
-    if method.needs_base and not cfg.base_model:
+    warnings = list(cfg.warnings) + _unused_parameters(cfg, method)
+    if method.needs_base and not cfg.base_model and not (
+            cfg.slices and all(s.base_model for s in cfg.slices)):
         raise ConfigError("base_model", f"{method.name} needs a base model; add base_model: <path>")
 
     sources = {ref: cache.get(ref, _field_of(cfg, ref)) for ref in cfg.referenced_models()}
@@ -137,15 +138,11 @@ def build_plan(cfg: MergeConfig, cache: Optional[SourceCache] = None,
     _check_same_family(cfg, archs, allow_crimes)
 
     slices = _canonical_slices(cfg, method, archs)
-    reference = cfg.base_model or slices[0].sources[0][1].model
-    others = [r for r in cfg.referenced_models() if r != cfg.base_model]
-    vocab = plan_vocab(cfg, sources, others, truncate_vocab)
+    reference = cfg.base_model or cfg.referenced_models()[0]
+    vocab = plan_vocab(cfg, sources, truncate_vocab, warnings.append)
     plans: list[TensorPlan] = []
     layer_map: list[tuple[str, int]] = []
 
-    filters = filters_in(cfg.to_dict())
-    aliases = {ref: architecture.filter_aliases(filters, src.config, src.tensors)
-               for ref, src in sources.items()} if filters else {}
     first, last = slices[0], slices[-1]
     ref_first = archs[first.reference.model]
     for name in ref_first.pre:
@@ -159,10 +156,8 @@ def build_plan(cfg: MergeConfig, cache: Optional[SourceCache] = None,
             layer_map.append((ref_src.model, src_layer))
             for rest in ref_arch.layers[src_layer]:
                 out_name = ref_arch.layer_tensor(out_layer, rest)
-                alias = aliases.get(ref_src.model, {}).get(ref_arch.layer_tensor(src_layer, rest))
                 plans.append(_tensor_plan(cfg, method, sources, archs, sl, out_name, rest,
-                                          Position(out_name, i, sl.length,
-                                                   (alias,) if alias else ()), layer=i))
+                                          Position(out_name, i, sl.length), layer=i))
             out_layer += 1
     ref_last = archs[last.reference.model]
     for name in ref_last.post:
@@ -189,7 +184,7 @@ def build_plan(cfg: MergeConfig, cache: Optional[SourceCache] = None,
             raise ConfigError("chat_template", f"'{cfg.chat_template}' is neither auto, a known "
                                                f"name ({', '.join(TEMPLATES)}) nor a Jinja template")
     return Plan(cfg, method, sources, reference, plans, out_layer, out_config, cfg.dtype, layer_map,
-                vocab)
+                vocab, warnings)
 
 
 def _set_vocab_size(config: dict, size: int) -> None:
@@ -198,27 +193,49 @@ def _set_vocab_size(config: dict, size: int) -> None:
             cfg["vocab_size"] = size
 
 
-def _check_parameter_names(cfg: MergeConfig, method: Method) -> None:
-    known = ", ".join(method.params) or "no parameters"
-    levels = [("parameters", cfg.parameters, False)]
+def _unused_parameters(cfg: MergeConfig, method: Method) -> list[str]:
+    """One warning per distinct parameter the method does not use, naming where it was given.
+
+    The reference toolkit resolves only the parameters a method declares and ignores the rest:
+    per-model weights on slerp, a per-tensor `t` under a model, the base model's own parameters.
+    """
+    base_of = {i: s.base_model or cfg.base_model for i, s in enumerate(cfg.slices or [])}
+    levels = [("parameters", cfg.parameters, "top")]
     for i, m in enumerate(cfg.models or []):
-        levels.append((f"models[{i}].parameters", m.parameters, True))
+        is_base = method.takes_base and m.model == cfg.base_model
+        levels.append((f"models[{i}].parameters", m.parameters, "base" if is_base else "model"))
     for i, s in enumerate(cfg.slices or []):
-        levels.append((f"slices[{i}].parameters", s.parameters, False))
+        levels.append((f"slices[{i}].parameters", s.parameters, "top"))
         for j, src in enumerate(s.sources):
-            levels.append((f"slices[{i}].sources[{j}].parameters", src.parameters, True))
-    for path, params, per_model_level in levels:
+            is_base = method.takes_base and src.model == base_of[i]
+            levels.append((f"slices[{i}].sources[{j}].parameters", src.parameters,
+                           "base" if is_base else "model"))
+    unused: dict[tuple[str, str], list[str]] = {}
+    for path, params, kind in levels:
         for name in params or {}:
-            if name in UNIVERSAL_PARAMS and path == "parameters":
-                continue
             spec = method.params.get(name)
             if spec is None:
-                raise ConfigError(f"{path}.{name}", f"unknown parameter for {method.name}; it "
-                                                    f"takes {known}")
-            if per_model_level and not spec.per_model:
-                raise ConfigError(f"{path}.{name}", f"'{name}' is one value per tensor for "
-                                                    f"{method.name}, not per model; move it to the "
-                                                    f"top-level or slice parameters")
+                why = "unknown"
+            elif kind == "model" and not spec.per_model:
+                why = "per_tensor"
+            elif kind == "base" and spec.per_model:
+                why = "base"
+            else:
+                continue
+            unused.setdefault((why, name), []).append(f"{path}.{name}")
+    known = ", ".join(method.params) or "no parameters"
+    out = []
+    for (why, name), places in unused.items():
+        where = ", ".join(places[:3]) + (f" (and {len(places) - 3} more)" if len(places) > 3 else "")
+        if why == "unknown":
+            what = f"{method.name} does not use '{name}' (it takes {known}); ignored"
+        elif why == "per_tensor":
+            what = (f"'{name}' is one value per tensor for {method.name}; given per model it is "
+                    f"ignored (set it in the top-level or slice parameters)")
+        else:
+            what = f"{method.name} merges the other models into the base; the base's '{name}' is ignored"
+        out.append(f"{where}: {what}")
+    return out
 
 
 def _check_same_family(cfg, archs, allow_crimes: bool) -> None:
@@ -242,16 +259,23 @@ def _canonical_slices(cfg: MergeConfig, method: Method, archs) -> list[_Slice]:
         srcs = [(f"models[{i}]", SliceSource(model=m.model, layer_range=(0, n),
                                              parameters=m.parameters))
                 for i, m in enumerate(cfg.models)]
-        if cfg.base_model and method.takes_base and cfg.base_model not in {m.model for m in cfg.models}:
-            srcs.insert(0, ("base_model", SliceSource(model=cfg.base_model, layer_range=(0, n))))
-        raw = [("models", srcs, None)]
+        if cfg.base_model and cfg.base_model not in {m.model for m in cfg.models}:
+            # The reference adds the base to the merged models: as the base for methods that
+            # take one, as one more weighted input for those that do not (linear, karcher, ...).
+            base_src = ("base_model", SliceSource(model=cfg.base_model, layer_range=(0, n)))
+            if method.takes_base:
+                srcs.insert(0, base_src)
+            else:
+                srcs.append(base_src)
+        raw = [("models", srcs, None, cfg.base_model)]
     else:
         raw = [(f"slices[{i}]", [(f"slices[{i}].sources[{j}]", src)
-                                 for j, src in enumerate(s.sources)], s.parameters)
+                                 for j, src in enumerate(s.sources)], s.parameters,
+                s.base_model or cfg.base_model)
                for i, s in enumerate(cfg.slices)]
 
     out = []
-    for path, srcs, params in raw:
+    for path, srcs, params, base_model in raw:
         for spath, src in srcs:
             n = archs[src.model].num_layers
             a, b = src.layer_range
@@ -261,16 +285,17 @@ def _canonical_slices(cfg: MergeConfig, method: Method, archs) -> list[_Slice]:
                                   f"(valid: 0 <= start < end <= {n})")
         base = None
         inputs = srcs
-        if method.takes_base and cfg.base_model:
-            matches = [(p, s) for p, s in srcs if s.model == cfg.base_model]
+        if method.takes_base and base_model:
+            matches = [(p, s) for p, s in srcs if s.model == base_model]
             if not matches:
-                if method.needs_base:
-                    raise ConfigError(f"{path}.sources", f"{method.name} needs the base model "
-                                                         f"'{cfg.base_model}' among this slice's "
-                                                         f"sources")
-            else:
-                base = matches[0]
-                inputs = [(p, s) for p, s in srcs if s.model != cfg.base_model]
+                raise ConfigError(f"{path}.sources", f"the base model '{base_model}' must be "
+                                                     f"among this slice's sources for "
+                                                     f"{method.name}")
+            base = matches[0]
+            inputs = [(p, s) for p, s in srcs if s.model != base_model]
+        elif method.needs_base:
+            raise ConfigError(f"{path}.base_model", f"{method.name} needs a base model; add "
+                                                    f"base_model: <path>")
         method.check_model_count(len(inputs), path if cfg.slices else "models")
         out.append(_Slice(path, srcs, params, base, inputs))
     return out
@@ -315,6 +340,8 @@ def _tensor_plan(cfg: MergeConfig, method: Method, sources, archs, sl: _Slice, o
     shape = (vocab.size, *ref_info.shape[1:]) if is_vocab else ref_info.shape
     copy_only = ref_info.dtype not in _FLOAT_CODES
     out_dtype = ref_info.dtype
+    if not copy_only:
+        out_dtype = _promoted([info.dtype for _, info in infos])
     if not copy_only and (cfg.out_dtype or cfg.dtype):
         out_dtype = {"float32": "F32", "float16": "F16", "bfloat16": "BF16",
                      "float64": "F64"}[cfg.out_dtype or cfg.dtype]
@@ -326,7 +353,12 @@ def _tensor_plan(cfg: MergeConfig, method: Method, sources, archs, sl: _Slice, o
         if spec.per_model:
             for k, (spath, s) in enumerate(sl.inputs):
                 levels = [(spath + ".parameters", s.parameters)] + global_levels
-                model_params[k][pname] = _value(spec, resolve(levels, pname, pos), spath,
+                # per-model values are looked up by the model's own tensor name (as the
+                # reference does): a filter on a layer number sees the source layer
+                logical = (archs[s.model].layer_tensor(s.layer_range[0] + layer, key)
+                           if layer is not None else key)   # a tied head is still lm_head
+                model_pos = pos.renamed(logical)
+                model_params[k][pname] = _value(spec, resolve(levels, pname, model_pos), spath,
                                                 s.model, method, out_name)
         else:
             params[pname] = _value(spec, resolve(global_levels, pname, pos), "parameters", None,
@@ -340,6 +372,17 @@ def _tensor_plan(cfg: MergeConfig, method: Method, sources, archs, sl: _Slice, o
                       is_vocab)
 
 
+def _promoted(codes: list[str]) -> str:
+    """The dtype torch promotes mixed float inputs to (what the reference then saves, when no
+    dtype is configured): float16 with bfloat16 gives float32."""
+    floats = {c for c in codes if c in _FLOAT_CODES}
+    if len(floats) <= 1:
+        return codes[0]
+    if "F64" in floats:
+        return "F64"
+    return "F32"
+
+
 def _rows(src: ModelSource, arch) -> int:
     name = arch.embedding_name()
     return src.tensors[name].shape[0] if name else -1
@@ -347,6 +390,11 @@ def _rows(src: ModelSource, arch) -> int:
 
 def _value(spec, found, path: str, model: Optional[str], method: Method, tensor: str):
     if found is None:
+        if spec.required and path == "base_model":
+            raise ConfigError(f"base_model", f"{method.name} merges the base model as one more "
+                                             f"input (as mergekit does) and needs its "
+                                             f"'{spec.name}'; list the base under models with a "
+                                             f"'{spec.name}', or set it in the top-level parameters")
         if spec.required:
             who = f" for '{model}'" if model else ""
             raise ConfigError(f"{path}.parameters.{spec.name}" if model else f"parameters.{spec.name}",
@@ -355,9 +403,11 @@ def _value(spec, found, path: str, model: Optional[str], method: Method, tensor:
         return spec.default
     value, where = found
     if spec.kind is bool:
-        if isinstance(value, bool) or value in (0, 1):
-            return bool(value)
+        value = as_bool(value)
+        if isinstance(value, bool):
+            return value
         raise ConfigError(where, f"must be true or false, got {value!r}")
+    value = as_number(value)   # '1e-5': YAML 1.1 reads it as a string, the reference as a number
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(where, f"must be a number, got {value!r}")
     value = float(value)
@@ -383,7 +433,7 @@ def _output_config(sources, reference: str, ref_arch, layer_map, plans, cfg: Mer
         float_codes = [t.dtype for t in plans if not t.copy_only]
         code = max(set(float_codes), key=float_codes.count) if float_codes else "F32"
         dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}[code]
-    out["torch_dtype"] = dtype
-    if "dtype" in out:
-        out["dtype"] = dtype
+    # Transformers 5 writes (and the reference's config.json carries) `dtype`; older configs
+    # name it `torch_dtype`: update the key the reference model uses, only one of them.
+    out["dtype" if "dtype" in out or "torch_dtype" not in out else "torch_dtype"] = dtype
     return out

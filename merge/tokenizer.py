@@ -18,26 +18,50 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "vocab.txt")
 
+# The built-in templates render exactly what the reference toolkit's templates of the same names
+# render (checked on conversations with and without system messages), whitespace included.
 TEMPLATES = {
     "chatml": (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
-        "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+        "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
     "llama3": (
-        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-        "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+        "{% for message in messages %}{% if loop.first %}{{ bos_token }}{% endif %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + "
+        "message['content'] | trim + '<|eot_id|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
         "{% endif %}"),
     "alpaca": (
-        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + "
-        "'\\n\\n' }}{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + "
-        "message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
-        "{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}{% endif %}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"),
+        "{% set system = messages | selectattr('role', 'equalto', 'system') | list %}"
+        "{{ (system | last).content | trim if system else '' }}{{ '\n\n' }}"
+        "{% set headers = {'user': '### Instruction:\n', 'assistant': '### Response:\n', "
+        "'user_context': '### Input:\n'} %}"
+        "{% for message in messages %}{% if message['role'] in headers %}"
+        "{{ headers[message['role']] + message['content'] | trim }}"
+        "{% if not loop.last %}{{ '\n\n' }}{% endif %}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}"
+        "{{ '### Response:\n' }}{% endif %}"),
     "mistral": (
-        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-        "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-        "{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"),
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set turns = messages[1:] %}{% else %}{% set turns = messages %}{% endif %}"
+        "{{ bos_token }}{% for message in turns %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('After the optional system message, roles must alternate "
+        "user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ ' [INST] ' }}"
+        "{% if loop.first and system is defined %}{{ system + '\n\n' }}{% endif %}"
+        "{{ message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
+        "{% else %}{{ raise_exception('Only user and assistant roles are supported, besides an "
+        "optional first system message') }}{% endif %}{% endfor %}"),
+    "exaone": (
+        "{% for message in messages %}"
+        "{% if loop.first and message['role'] != 'system' %}"
+        "{{ '        [|system|][|endofturn|]\n\n' }}{% endif %}"
+        "{{ '    [|' + message['role'] + '|]' + message['content'] + '\n' }}"
+        "{% if message['role'] == 'user' %}{{ '        \n\n' }}"
+        "{% else %}{{ '        [|endofturn|]\n\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '    [|assistant|]\n' }}{% endif %}"),
 }
 
 
@@ -49,8 +73,9 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
 
 def write_tokenizer(plan, out: Path) -> None:
     vp = plan.vocab
-    source = vp.tokenizer_from if vp is not None and vp.tokenizer_from else plan.reference
-    copy_tokenizer_files(plan.sources[source].folder, out)
+    folder = (vp.tokenizer_folder if vp is not None and vp.tokenizer_folder
+              else plan.sources[plan.reference].folder)
+    copy_tokenizer_files(folder, out)
     if vp is not None and vp.added:
         _append_tokens(out, vp)
     template = chat_template(plan)
@@ -67,18 +92,19 @@ def _append_tokens(out: Path, vp) -> None:
     start = len(vp.tokens) - len(vp.added)
     cfg_path = out / "tokenizer_config.json"
     tok_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    decoder = tok_cfg.setdefault("added_tokens_decoder", {})
-    for k, (token, special) in enumerate(vp.added):
-        entry = {"id": start + k, "content": token, "single_word": False, "lstrip": False,
-                 "rstrip": False, "normalized": not special, "special": special}
-        data.setdefault("added_tokens", []).append(entry)
-        decoder[str(start + k)] = {key: v for key, v in entry.items() if key != "id"}
+    decoder = tok_cfg.get("added_tokens_decoder")   # older tokenizer configs repeat the list
+    for k, entry in enumerate(vp.added):
+        data.setdefault("added_tokens", []).append({"id": start + k, **entry})
+        if decoder is not None:
+            decoder[str(start + k)] = dict(entry)
     tj.write_text(json.dumps(data, ensure_ascii=False, indent=2))
-    cfg_path.write_text(json.dumps(tok_cfg, ensure_ascii=False, indent=2))
+    if decoder is not None:
+        cfg_path.write_text(json.dumps(tok_cfg, ensure_ascii=False, indent=2))
     from tokenizers import Tokenizer
 
     vocab = Tokenizer.from_file(str(tj)).get_vocab(with_added_tokens=True)
-    for k, (token, _) in enumerate(vp.added):
+    for k, entry in enumerate(vp.added):
+        token = entry["content"]
         if vocab.get(token) != start + k:
             raise EvomergeError(f"tokenizer: could not give token {token!r} id {start + k} (the "
                                 f"source tokenizer's ids have gaps); choose another source")
@@ -101,7 +127,8 @@ def chat_template(plan) -> Optional[str]:
     if choice is None:
         return None
     if choice == "auto":
-        found = [t for t in (_template_of(s.folder) for s in plan.sources.values()) if t]
+        found = [t.strip() for t in (_template_of(s.folder) for s in plan.sources.values())
+                 if t and t.strip()]
         return Counter(found).most_common(1)[0][0] if found else None
     if choice in TEMPLATES:
         return TEMPLATES[choice]

@@ -43,10 +43,6 @@ CASES = {
         lambda f, w: {"merge_method": "slerp", "base_model": str(f["base"]), "parameters": {"t": 0.5},
                       "models": [{"model": str(f[k])} for k in ("base", "c0", "c1")]},
         ["models", "exactly 1"]),
-    "unknown parameter name": (
-        lambda f, w: {"merge_method": "ties", "base_model": str(f["base"]),
-                      "models": two(f, {"weight": 0.5, "densty": 0.5})},
-        ["models[0].parameters.densty", "unknown parameter"]),
     "missing weight": (
         lambda f, w: {"merge_method": "linear",
                       "models": [{"model": str(f["c0"])},
@@ -82,12 +78,10 @@ CASES = {
         ["models/slices"]),
     "unknown dtype": (lambda f, w: {"merge_method": "linear", "models": two(f), "dtype": "bf17"},
                       ["dtype", "bfloat16"]),
-    "global parameter given per model": (
+    "non-numeric string for a number": (
         lambda f, w: {"merge_method": "ties", "base_model": str(f["base"]),
-                      "models": two(f, {"weight": 0.5, "normalize": False})},
-        ["models[0].parameters.normalize", "top-level"]),
-    "unknown top-level key": (lambda f, w: {"merge_method": "linear", "models": two(f), "dtpye": "x"},
-                              ["dtpye", "unknown key"]),
+                      "models": two(f, {"weight": 0.5, "density": "half"})},
+        ["models[0].parameters.density", "must be a number", "half"]),
 }
 
 

@@ -199,7 +199,7 @@ def test_bf16_inputs_compute_in_fp32_and_save_requested_dtype(family_bf16, tmp_p
         assert a[k].dtype == torch.bfloat16 and out[k].dtype == torch.float16
         want = ((a[k].float() * (1 / 3)) + b[k].float() * (2 / 3)).half()
         torch.testing.assert_close(out[k], want, rtol=2e-3, atol=1e-4)
-    assert json.loads((tmp_path / "o" / "config.json").read_text())["torch_dtype"] == "float16"
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["dtype"] == "float16"
 
 
 def test_dtype_rounds_inputs_and_output_defaults_to_it(family, tmp_path):
