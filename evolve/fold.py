@@ -81,6 +81,15 @@ def fold_for(model_type: str, layer_tensors: list[str], label: str = "model") ->
                         f"branches ({model_type}); set genome.layer_stacking.scales: none")
 
 
+def identity_targets(layer_tensors: list[str], model_type: str = "model") -> tuple[str, ...]:
+    """The residual-branch output projections of a layer: zeroed, they make it the identity."""
+    for targets, _ in _PROJECTIONS:
+        if all(any(t + ".weight" in n for n in layer_tensors) for t in targets):
+            return targets
+    raise EvomergeError(f"{model_type}: cannot tell which layer tensors end the residual branches, "
+                        f"so no identity layer can pad a path for --backend vllm; use --backend hf")
+
+
 def cumulative(hop_scales: list[float]) -> list[float]:
     """S_k = w_0 · w_1 · … · w_k: the factor by which layer k's input differs from the folded
     model's stream."""

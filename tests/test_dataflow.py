@@ -265,3 +265,133 @@ def test_in_memory_path_equals_the_checkpoint_and_shares_tensors(tmp_path, famil
     assert len(other.model.layers) == 3 and len(model.model.layers) == 7
     with torch.no_grad():
         assert torch.equal(model(input_ids=IDS).logits, disk)
+
+
+# --- workers: HF and vLLM (stand-ins, as in tests/test_vllm_backend.py) --------------------------
+from test_vllm_backend import StandInEngine, StandInWorker, fake_lm_eval_vllm  # noqa: E402,F401
+
+
+@pytest.fixture
+def include_dir(toy_task_dir, tmp_path):
+    from evolve import tasks as task_lib
+
+    return task_lib.mirror_search_paths([toy_task_dir], tmp_path / "mirror")
+
+
+def _paths(space, fam):
+    """Candidates of different depths, with scales, starting in either model."""
+    return [PATH, PATH[:2], [("b", 0, 1.0), ("a", 2, 1.4), ("b", 3, 1.0)], PATH[2:] + PATH[:3]]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread is fastest, most of all on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_workers_score_path_candidates_like_their_checkpoints(
+        tmp_path, include_dir, fake_lm_eval_vllm, one_thread):
+    """HF backend: each candidate is assembled from the loaded layers; vLLM backend: one engine at
+    the maximum depth, shorter paths padded with identity layers and swapped in place. Both score
+    every candidate exactly as its mergekit-yaml checkpoint scores."""
+    from evolve.fitness import EvalSettings, Scorer
+    from evolve.workers import EvalWorker, WorkerSpec
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    fam = _family(tmp_path, "llama", eps=False)
+    space = _space([str(fam["a"]), str(fam["b"])], max_layers=12)
+    settings = EvalSettings(task_names=["evo_toy"], metrics={"evo_toy": "acc_norm,none"},
+                            include_dir=str(include_dir), limit=12, seed=5)
+    initial = space.decode(space.initial_vector())
+    hf = EvalWorker(WorkerSpec(initial_config=initial, eval=settings, dataflow_depth=12,
+                               threads=1))
+    vl = EvalWorker(WorkerSpec(initial_config=initial, eval=settings, backend="vllm", threads=1,
+                               dataflow_depth=12, vllm={"dtype": "float32", "swap_chunk_mb": 1}))
+    assert hf.error is None and vl.error is None, (hf.error, vl.error)
+    [lm] = fake_lm_eval_vllm
+    engine_model = lm.worker.model_runner.model.model
+    assert engine_model.config.num_hidden_layers == 12           # built at the maximum depth
+    tok = AutoTokenizer.from_pretrained(fam["a"])
+    sent_before = 0
+    judge = None
+    for k, path in enumerate(_paths(space, fam)):
+        cfg = space.config_for(_hops(space, fam, path))
+        disk = _merge(cfg, tmp_path / f"cand{k}")
+        stock = AutoModelForCausalLM.from_pretrained(disk).eval()
+        if judge is None:
+            judge = Scorer(stock, tok, settings)
+        judge.lm._model = stock
+        want = judge.score()
+        got_hf, got_vl = hf.evaluate(cfg), vl.evaluate(cfg)
+        assert got_hf.get("error") is None and got_vl.get("error") is None, (got_hf, got_vl)
+        assert got_hf["scores"] == want and got_vl["scores"] == want
+        # the engine's padded model computes the path's logits
+        with torch.no_grad():
+            padded = engine_model(input_ids=IDS).logits
+        assert (padded - _logits(disk)).abs().max().item() < 1e-5
+        sent = len(lm.worker.model_runner.model.loaded) - sent_before
+        sent_before += sent
+        per_layer = len([n for n in dict(engine_model.named_parameters()) if ".layers.0." in n])
+        if k == 1:    # 7 layers → 2: slots 2..6 become identity; 7..11 already are
+            assert sent == 3 + per_layer * 7
+    assert lm.model.resets == 4
+
+
+def test_identity_padding_is_the_identity(tmp_path):
+    from evolve.vllm_backend import identity_padded
+    from merge.engine import InMemoryMerger
+
+    for arch in ("gpt2", "gpt_neox"):
+        fam = _family(tmp_path / arch, arch, eps=False)
+        space = _space([str(fam["a"]), str(fam["b"])])
+        cfg = space.config_for(_hops(space, fam))
+        padded = identity_padded(InMemoryMerger(), cfg, 11)
+        assert len(padded["slices"]) == len(cfg["slices"]) + 4
+        delta = (_logits(_merge(padded, tmp_path / arch / "p")) -
+                 _logits(_merge(cfg, tmp_path / arch / "c"))).abs().max().item()
+        assert delta < 1e-6, (arch, delta)
+
+
+# --- one tiny real search (Ray, lm-eval), then the best model with stock transformers ------------
+def test_dataflow_search_end_to_end(ray_session, family, toy_task_dir, tmp_path, make_genome,
+                                    capsys):
+    import json
+
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from evolve.cli import main
+
+    g = {"models": [str(family["c0"]), str(family["c1"])], "merge_method": "passthrough",
+         "layer_stacking": {"repeats": 2, "min_layers": 2, "max_layers": 6}}
+    path = make_genome(tmp_path / "g.yaml", g, limit=16)
+    storage = tmp_path / "run"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in [path, "--storage-path", storage, "--task-search-path",
+                               toy_task_dir, "--workers", 1, "--popsize", 4, "--max-fevals", 8,
+                               "--seed", 3, "--no-wandb", "--sigma0", 0.5]])
+    out = capsys.readouterr()
+    assert e.value.code == 0, out.err
+    history = [json.loads(line) for line in (storage / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 8 and all(r["error"] is None for r in history)
+    depths = {sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0]
+                  for s in r["config"]["slices"]) for r in history}
+    assert len(depths) > 1 and all(2 <= d <= 6 for d in depths)
+    best = max(history, key=lambda r: r["fitness"])
+    cfg = yaml.safe_load((storage / "best_config.yaml").read_text())
+    assert cfg["merge_method"] == "passthrough"
+    model = AutoModelForCausalLM.from_pretrained(storage / "best_model")   # stock, no remote code
+    from evolve.fitness import EvalSettings, Scorer
+    from evolve import tasks as task_lib
+    from transformers import AutoTokenizer
+
+    include = task_lib.mirror_search_paths([toy_task_dir], tmp_path / "mirror")
+    settings = EvalSettings(task_names=["evo_toy"], metrics={"evo_toy": "acc,none"},
+                            include_dir=str(include), limit=16, seed=3)
+    score = Scorer(model.eval(), AutoTokenizer.from_pretrained(storage / "best_model"),
+                   settings).score()
+    assert score["evo_toy"] == best["scores"]["evo_toy"]
