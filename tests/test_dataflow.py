@@ -395,3 +395,21 @@ def test_dataflow_search_end_to_end(ray_session, family, toy_task_dir, tmp_path,
     score = Scorer(model.eval(), AutoTokenizer.from_pretrained(storage / "best_model"),
                    settings).score()
     assert score["evo_toy"] == best["scores"]["evo_toy"]
+
+
+# --- the demo's compositional task --------------------------------------------------------------
+def test_compositional_task_items_are_untrained_and_split():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import make_demo_family as demo
+
+    items = demo.make_composition_items()
+    fit, held = items[("revcip", "fit")], items[("revcip", "heldout")]
+    assert (len(fit), len(held)) == (demo.SPLIT_SIZES["fit"], demo.SPLIT_SIZES["heldout"])
+    assert not {r["input"] for r in fit} & {r["input"] for r in held}
+    assert {r["input"] for r in fit + held} <= demo.eval_inputs()    # never trained on
+    r = fit[0]
+    assert r["prompt"] == f"rvc: {r['input']} ="
+    assert r["answer"] == demo.apply_skill("cipher", r["input"][::-1])
+    assert demo.make_composition_items() == items                  # deterministic
