@@ -413,3 +413,26 @@ def test_compositional_task_items_are_untrained_and_split():
     assert r["prompt"] == f"rvc: {r['input']} ="
     assert r["answer"] == demo.apply_skill("cipher", r["input"][::-1])
     assert demo.make_composition_items() == items                  # deterministic
+
+
+def test_cli_dry_run_and_one_line_errors(family, tmp_path, make_genome, capsys):
+    from evolve.cli import main
+
+    def cli(genome):
+        path = make_genome(tmp_path / "g.yaml", genome)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main([str(path), "--dry-run"])
+        return e.value.code, capsys.readouterr()
+
+    models = [str(family["c0"]), str(family["c1"])]
+    code, out = cli({"models": models, "merge_method": "passthrough",
+                     "layer_stacking": {"repeats": 2, "scales": "models"}})
+    assert code == 0, out.err
+    assert "search space: 20 genes = 16 slot inclusions (8 layers × 2 repeats) + 4 hop scales" \
+        in out.out
+    assert "layer_range: [0, 4]" in out.out and "c0.0 c0.1 c0.2 c0.3" in out.out
+    code, out = cli({"models": models, "merge_method": "passthrough",
+                     "layer_stacking": {"scale_range": [-1, 1]}})
+    assert code == 2 and out.err.count("\n") == 1 and "Traceback" not in out.err
+    assert out.err.startswith("error: genome.layer_stacking: scale_range")
