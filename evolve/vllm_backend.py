@@ -211,6 +211,7 @@ class VllmBackend:
         self.folder = folder
         self.depth = depth
         self.identity_from = depth   # engine slots >= this hold identity layers
+        self.layer_types = None      # per-layer attention types the engine was built with
 
     def load(self, config) -> None:
         """Merge `config` in memory and swap its tensors into the engine."""
@@ -227,7 +228,17 @@ class VllmBackend:
         raw = config.to_dict()
         n = len(path_of_config(raw))
         padded = MergeConfig.from_dict(identity_padded(self.merger, raw, self.depth))
-        prefix = _layer_prefix(self.merger.plan(padded)) + "."
+        plan = self.merger.plan(padded)
+        types = plan.out_config.get("layer_types")
+        if self.layer_types is None:
+            self.layer_types = types
+        elif types != self.layer_types:
+            # vLLM fixes each layer's attention type (sliding window or not) when it builds the
+            # engine; weights swapped in cannot change it.
+            raise EvomergeError("this path puts layers of different attention types (layer_types) "
+                                "in other slots than the engine was built with; use --backend hf "
+                                "for this family")
+        prefix = _layer_prefix(plan) + "."
         already = range(max(n, self.identity_from), self.depth)   # identity in the engine now
 
         def layer_of(name: str) -> Optional[int]:
@@ -269,9 +280,9 @@ class VllmBackend:
             depth = None
         folder = Path(tempfile.mkdtemp(prefix="evomerge-vllm-"))
         atexit.register(shutil.rmtree, folder, True)
+        plan = merger.plan(config)
         try:
-            model_dir = merge_to_folder(config, folder / "model", options,
-                                        plan=merger.plan(config))
+            model_dir = merge_to_folder(config, folder / "model", options, plan=plan)
             _release_cuda_cache()   # vLLM sizes itself from the free memory it sees
             lm = _build_lm(model_dir, settings, seed=spec.eval.seed,
                            trust_remote_code=spec.trust_remote_code)
@@ -282,8 +293,11 @@ class VllmBackend:
         # is swapped in); config and tokenizer stay for anything vLLM or lm-eval reads lazily.
         for f in model_dir.glob("*.safetensors*"):
             f.unlink()
-        return cls(merger, lm.model, settings.swap_chunk_mb * 2**20,
-                   scorer=TaskScorer(lm, spec.eval), folder=folder, depth=depth)
+        backend = cls(merger, lm.model, settings.swap_chunk_mb * 2**20,
+                      scorer=TaskScorer(lm, spec.eval), folder=folder, depth=depth)
+        if depth is not None:
+            backend.layer_types = plan.out_config.get("layer_types")
+        return backend
 
 
 def identity_padded(merger, config: dict, depth: int) -> dict:
