@@ -4,7 +4,8 @@
 A worker loads child_a and child_b once (bf16, 2.2 GB each); every candidate is then assembled
 from their layer modules (evolve/path_model.py): shared tensors, plus the residual-branch outputs
 that carry a folded hop scale. This prints, per random candidate of the genome
-`{repeats: 3, max_layers: 44, scales: pairs}`: its depth, the build time, the new bytes, and one
+`{repeats: 3, max_layers: 44, scales: pairs}` (near the start point, as in a first generation, or
+uniform over the space with `--points uniform`): its depth, the build time, the new bytes, and one
 forward pass of 32 tokens for scale; then mergekit-yaml of the same config to disk, load time
 back, and whether the in-memory logits equal the checkpoint's.
 
@@ -38,6 +39,8 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--points", choices=["start", "uniform"], default="start",
+                    help="candidates near the start point (a first generation) or uniform")
     args = ap.parse_args()
 
     import torch
@@ -56,9 +59,14 @@ def main() -> None:
                                                          "scales": "pairs"}))
     rng = random.Random(args.seed)
     points = []
+    x0 = space.initial_vector()
     for _ in range(args.candidates):
-        x = [rng.uniform(lo, hi) for lo, hi in zip(space.lower, space.upper)]
-        points.append(x)
+        if args.points == "uniform":   # worst case: ~2/3 of the slots on, every hop scaled
+            x = [rng.uniform(lo, hi) for lo, hi in zip(space.lower, space.upper)]
+        else:                          # like CMA-ES's first generation: x0 + 0.25 × range noise
+            x = [v + rng.gauss(0, 0.25 * (hi - lo))
+                 for v, lo, hi in zip(x0, space.lower, space.upper)]
+        points.append(space.clip(x))
     log(f"{space.dim} genes ({space.T} slots, {space.n_scales} scales); "
         f"load {os.getloadavg()[0]:.1f}")
 
