@@ -205,6 +205,7 @@ def test_sandwich_norm_fold_scales_the_offset_norm(tmp_path, arch):
     delta = (got - want).abs().max().item()
     FOLD_REPORT[arch] = delta
     print(f"\nfold {arch} (offset norm, state-level): max |Δlogits| = {delta:.3g}")
+    assert (_logits(plain) - want).abs().max().item() > 1e-3   # the scales matter at all
     assert delta < 1e-5
 
 
