@@ -234,13 +234,14 @@ class GenomeSpace:
     def build(cls, spec: GenomeSpec, get_method: Optional[Callable] = None,
               layer_count: Optional[Callable[[str], int]] = None) -> "GenomeSpace":
         """Check the genome against the engine (method, models, layer counts); build the space."""
+        if spec.layer_stacking is not None:   # data-flow search: a space of its own
+            from evolve.dataflow import DataflowSpace
+
+            return DataflowSpace.build(spec, layer_count)
         if get_method is None:
             from merge.methods import get_method
         if layer_count is None:
             from merge.engine import model_layer_count as layer_count
-        if spec.layer_stacking is not None:
-            raise ConfigError("genome.layer_stacking", "layer-stacking (data-flow) search is not "
-                                                       "supported yet; remove the key or set null")
         try:
             method = get_method(spec.merge_method)
         except ConfigError as e:

@@ -432,7 +432,8 @@ class Run:
                               merge_seed=self.seed, trust_remote_code=opts.trust_remote_code,
                               threads=threads, die_marker=os.environ.get(DIE_ONCE_ENV),
                               backend=opts.backend, cache_magnitudes=opts.cache_magnitudes,
-                              vllm=self.cfg.vllm.model_dump() if self.cfg.vllm else None)
+                              vllm=self.cfg.vllm.model_dump() if self.cfg.vllm else None,
+                              dataflow_depth=getattr(self.space, "max_layers", None))
             self.log(f"{'resuming' if resuming else 'starting'}: {self.space.dim} genes, popsize "
                      f"{meta['search']['popsize']}, {len(search.history)}/{opts.max_fevals} "
                      f"evaluations done; Ray ready in {ray_seconds:.1f}s, starting "

@@ -198,17 +198,61 @@ class _ChunkSender:
 # The worker side
 # ---------------------------------------------------------------------------------------------
 class VllmBackend:
-    """What a Ray worker holds with `--backend vllm`: the merger, the engine, the scorer."""
+    """What a Ray worker holds with `--backend vllm`: the merger, the engine, the scorer.
 
-    def __init__(self, merger, llm, chunk_bytes: int, scorer=None, folder: Optional[Path] = None):
+    With `depth` set (a data-flow search), the engine has `depth` layers and every candidate path
+    is padded to that depth with identity layers (see `identity_padded`), so paths of any length
+    swap in place; identity slots that already hold an identity layer are not sent again."""
+
+    def __init__(self, merger, llm, chunk_bytes: int, scorer=None, folder: Optional[Path] = None,
+                 depth: Optional[int] = None):
         self.merger, self.llm, self.chunk_bytes = merger, llm, chunk_bytes
         self.scorer = scorer
         self.folder = folder
+        self.depth = depth
+        self.identity_from = depth   # engine slots >= this hold identity layers
+        self.layer_types = None      # per-layer attention types the engine was built with
 
     def load(self, config) -> None:
         """Merge `config` in memory and swap its tensors into the engine."""
+        if self.depth is not None:
+            return self._load_path(config)
         with weight_swap(self.llm, self.chunk_bytes) as send:
             self.merger.merge_stream(config, send)
+
+    def _load_path(self, config) -> None:
+        from merge.config import MergeConfig
+
+        from evolve.dataflow import path_of_config
+
+        raw = config.to_dict()
+        n = len(path_of_config(raw))
+        padded = MergeConfig.from_dict(identity_padded(self.merger, raw, self.depth))
+        plan = self.merger.plan(padded)
+        types = plan.out_config.get("layer_types")
+        if self.layer_types is None:
+            self.layer_types = types
+        elif types != self.layer_types:
+            # vLLM fixes each layer's attention type (sliding window or not) when it builds the
+            # engine; weights swapped in cannot change it.
+            raise EvomergeError("this path puts layers of different attention types (layer_types) "
+                                "in other slots than the engine was built with; use --backend hf "
+                                "for this family")
+        prefix = _layer_prefix(plan) + "."
+        already = range(max(n, self.identity_from), self.depth)   # identity in the engine now
+
+        def layer_of(name: str) -> Optional[int]:
+            if not name.startswith(prefix):
+                return None
+            return int(name[len(prefix):].split(".", 1)[0])
+
+        with weight_swap(self.llm, self.chunk_bytes) as send:
+            def sink(name, tensor):
+                i = layer_of(name)
+                if i is None or i not in already:
+                    send(name, tensor)
+            self.merger.merge_stream(padded, sink)
+        self.identity_from = n
 
     @classmethod
     def start(cls, spec) -> "VllmBackend":
@@ -227,11 +271,18 @@ class VllmBackend:
                                cache_magnitudes=spec.cache_magnitudes)
         merger = InMemoryMerger(options)
         config = MergeConfig.from_dict(spec.initial_config)
+        depth = getattr(spec, "dataflow_depth", None)
+        from evolve.dataflow import is_path_config
+
+        if depth and is_path_config(spec.initial_config):   # one engine at the deepest path
+            config = MergeConfig.from_dict(identity_padded(merger, spec.initial_config, depth))
+        else:
+            depth = None
         folder = Path(tempfile.mkdtemp(prefix="evomerge-vllm-"))
         atexit.register(shutil.rmtree, folder, True)
+        plan = merger.plan(config)
         try:
-            model_dir = merge_to_folder(config, folder / "model", options,
-                                        plan=merger.plan(config))
+            model_dir = merge_to_folder(config, folder / "model", options, plan=plan)
             _release_cuda_cache()   # vLLM sizes itself from the free memory it sees
             lm = _build_lm(model_dir, settings, seed=spec.eval.seed,
                            trust_remote_code=spec.trust_remote_code)
@@ -242,8 +293,51 @@ class VllmBackend:
         # is swapped in); config and tokenizer stay for anything vLLM or lm-eval reads lazily.
         for f in model_dir.glob("*.safetensors*"):
             f.unlink()
-        return cls(merger, lm.model, settings.swap_chunk_mb * 2**20,
-                   scorer=TaskScorer(lm, spec.eval), folder=folder)
+        backend = cls(merger, lm.model, settings.swap_chunk_mb * 2**20,
+                      scorer=TaskScorer(lm, spec.eval), folder=folder, depth=depth)
+        if depth is not None:
+            backend.layer_types = plan.out_config.get("layer_types")
+        return backend
+
+
+def identity_padded(merger, config: dict, depth: int) -> dict:
+    """A path config padded to `depth` layers with identity layers after the path.
+
+    An identity layer is a copy of the path's last layer with its residual-branch outputs
+    (o_proj and down_proj, or the family's equivalents, biases included) scaled by 0: in a
+    pre-norm block the branches then add exactly 0 to the stream (a sandwich norm of a zero
+    input is zero too), so the padded model's logits equal the path's. Final norm and head still
+    come from the last slice's model, so they are unchanged."""
+    from merge import architecture
+    from merge.config import MergeConfig
+
+    from evolve import fold as fold_lib
+    from evolve.dataflow import path_of_config
+
+    n = len(path_of_config(config))
+    if n > depth:
+        raise EvomergeError(f"a candidate path has {n} layers but the engine holds {depth}; "
+                            f"raise genome.layer_stacking.max_layers")
+    if n == depth:
+        return config
+    plan = merger.plan(MergeConfig.from_dict(config))
+    last = config["slices"][-1]["sources"][0]
+    src = plan.sources[last["model"]]
+    arch = architecture.infer(src.config, list(src.tensors), last["model"])
+    targets = fold_lib.identity_targets(list(arch.layers[0]), arch.model_type)
+    j = last["layer_range"][1] - 1
+    identity = {"sources": [{"model": last["model"], "layer_range": [j, j + 1], "parameters": {
+        "scale": [{"filter": t, "value": 0.0} for t in targets] + [{"value": 1.0}]}}]}
+    out = dict(config)
+    out["slices"] = list(config["slices"]) + [identity] * (depth - n)
+    return out
+
+
+def _layer_prefix(plan) -> str:
+    from merge import architecture
+
+    src = plan.sources[plan.reference]
+    return architecture.infer(src.config, list(src.tensors), plan.reference).layer_prefix
 
 
 def _build_lm(model_dir: Path, settings: VllmSettings, seed: int, trust_remote_code: bool):

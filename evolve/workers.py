@@ -43,6 +43,7 @@ class WorkerSpec:
     backend: str = "hf"             # hf | vllm
     cache_magnitudes: bool = False  # keep task-vector magnitude orders (MergeOptions)
     vllm: Optional[dict] = None     # the genome's `vllm:` section (vllm_backend.VllmSettings)
+    dataflow_depth: Optional[int] = None   # data-flow search: the deepest path (vLLM engine depth)
 
 
 class EvalWorker:
@@ -76,6 +77,13 @@ class EvalWorker:
 
             backend = VllmBackend.start(spec)
             self.scorer, self._load = backend.scorer, backend.load
+            return
+        from evolve.dataflow import is_path_config
+
+        if is_path_config(spec.initial_config):   # layer paths, built from shared layers
+            from evolve.path_model import start_hf
+
+            self.scorer, self._load = start_hf(spec)
             return
         self.merger = InMemoryMerger(MergeOptions(device=spec.device, random_seed=spec.merge_seed,
                                                   quiet=True,

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -97,6 +98,143 @@ def print_table(rows: list[tuple[str, dict]]) -> str:
     return table
 
 
+# --- the data-flow demo (--dataflow) -------------------------------------------------------------
+COMPOSITION = "revcip"                       # reverse, then cipher: "rvc: abc =" -> " dcb"
+COMPOSED = ("reverse", "cipher")             # the specialists whose skills it composes
+FIT = f"demo_{COMPOSITION}_fit"
+HELDOUT = f"demo_{COMPOSITION}_heldout"
+# Fitness: the mean log-likelihood of the whole answer (the task's `perplexity` metric with mean
+# aggregation). Exact match starts at 0 for every parent, which gives a search nothing to climb.
+FIT_TASKS = [{"name": FIT, "metric": "perplexity,none", "weight": 1.0}]
+
+
+def dataflow_genomes(family: dict[str, Path], ps_model: Optional[Path]) -> dict[str, dict]:
+    models = [str(family[s]) for s in COMPOSED]
+    out = {
+        "ps": {"genome": {"models": models, "merge_method": "task_arithmetic",
+                          "base_model": str(family["base"]), "layer_granularity": 2,
+                          "parameters": {"weight": [0.0, 1.5]}}},
+        "dfs": {"genome": {"models": models, "merge_method": "passthrough",
+                           "layer_stacking": {"repeats": 3, "min_layers": 2, "max_layers": 12,
+                                              "scales": "models"}}},
+    }
+    if ps_model is not None:
+        out["psdfs"] = {"genome": {"models": [str(ps_model), *models],
+                                   "merge_method": "passthrough",
+                                   "layer_stacking": {"repeats": 3, "min_layers": 2,
+                                                      "max_layers": 12, "scales": "models"}}}
+    for g in out.values():
+        g["tasks"] = FIT_TASKS
+    return out
+
+
+def search(genome: dict, storage: Path, seed: int, args) -> None:
+    storage.parent.mkdir(parents=True, exist_ok=True)
+    path = storage.parent / f"{storage.name}.yml"
+    path.write_text(yaml.safe_dump(genome, sort_keys=False))
+    cmd = [str(Path(sys.executable).parent / "mergekit-evolve"), str(path), "--storage-path",
+           str(storage), "--workers", str(args.workers), "--max-fevals", str(args.max_fevals),
+           "--seed", str(seed), "--batch-size", "64", "--popsize", str(args.popsize)]
+    if (storage / "best_model" / "config.json").exists():
+        print(f"  reusing {storage}", flush=True)
+        return
+    if (storage / "history.jsonl").exists():
+        cmd.append("--resume")
+    print("$ " + " ".join(cmd), flush=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        sys.exit(1)
+
+
+def composition_scores(model, tokenizer, include_dir: Path) -> dict[str, float]:
+    from evolve.fitness import EvalSettings, Scorer
+
+    settings = EvalSettings(task_names=[HELDOUT], metrics={HELDOUT: "acc,none"},
+                            include_dir=str(include_dir), batch_size=64)
+    scorer = Scorer(model, tokenizer, settings)
+    acc = scorer.score()[HELDOUT]
+    scorer.settings = EvalSettings(task_names=[HELDOUT], metrics={HELDOUT: "perplexity,none"},
+                                   include_dir=str(include_dir), batch_size=64)
+    return {"acc": acc, "ll": scorer.score()[HELDOUT]}
+
+
+def dataflow_demo(args, family: dict[str, Path], out: Path, t0: float) -> int:
+    import statistics
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evolve.path_model import PathModels
+    from evolve.tasks import default_search_paths, mirror_search_paths
+    from merge.config import MergeConfig
+    from merge.engine import InMemoryMerger
+
+    root = out / "dataflow"
+    seeds = list(range(args.seeds))
+    print(f"[2/3] searches on '{COMPOSITION}' (reverse, then cipher), seeds {seeds}: PS, DFS, "
+          f"PS+DFS", flush=True)
+    for seed in seeds:
+        ps = root / f"ps-seed{seed}"
+        search(dataflow_genomes(family, None)["ps"], ps, seed, args)
+        genomes = dataflow_genomes(family, ps / "best_model")
+        search(genomes["dfs"], root / f"dfs-seed{seed}", seed, args)
+        search(genomes["psdfs"], root / f"psdfs-seed{seed}", seed, args)
+    t_search = time.time() - t0
+
+    print("[3/3] held-out evaluation of the composition (items the searches never saw)",
+          flush=True)
+    torch.set_num_threads(2)
+    include = mirror_search_paths(default_search_paths(), out / ".tasks")
+    tok = AutoTokenizer.from_pretrained(family["base"])
+    rows: list[tuple[str, dict]] = []
+    for label, path in [("base", family["base"])] + [(f"parent: {s}", family[s]) for s in SKILLS]:
+        rows.append((label, composition_scores(AutoModelForCausalLM.from_pretrained(path).eval(),
+                                               tok, include)))
+    uniform = MergeConfig.from_dict({
+        "merge_method": "task_arithmetic", "base_model": str(family["base"]),
+        "models": [{"model": str(family[s]), "parameters": {"weight": UNIFORM_WEIGHT}}
+                   for s in COMPOSED]})
+    rows.append((f"uniform task arithmetic ({UNIFORM_WEIGHT})",
+                 composition_scores(InMemoryMerger().build_model(uniform), tok, include)))
+    checks = []
+    for kind, label in (("ps", "PS"), ("dfs", "DFS"), ("psdfs", "PS+DFS")):
+        for seed in seeds:
+            storage = root / f"{kind}-seed{seed}"
+            stock = AutoModelForCausalLM.from_pretrained(storage / "best_model").eval()
+            sc = composition_scores(stock, tok, include)
+            rows.append((f"{label}, seed {seed}", sc))
+            if kind != "ps":   # the search's own in-memory path model scores the same
+                cfg = MergeConfig.from_dict(yaml.safe_load(
+                    (storage / "best_config.yaml").read_text()))
+                live = PathModels([]).build(cfg)
+                checks.append((f"{label}, seed {seed}", sc, composition_scores(live, tok, include),
+                               stock.config.num_hidden_layers))
+    lines = [f"{'model':34s}{'exact match':>12s}{'mean loglik':>13s}", "-" * 59]
+    lines += [f"{label:34s}{sc['acc']:12.3f}{sc['ll']:13.3f}" for label, sc in rows]
+    table = "\n".join(lines)
+    print(table)
+    (root / "heldout.md").write_text(table + "\n")
+    (root / "heldout.json").write_text(json.dumps(dict(rows), indent=2))
+
+    def best_of(prefix):
+        return [sc["acc"] for label, sc in rows if label.startswith(prefix + ",")]
+
+    parents = max(sc["acc"] for label, sc in rows if label.startswith("parent"))
+    summary = {k: best_of(k) for k in ("PS", "DFS", "PS+DFS")}
+    for k, v in summary.items():
+        spread = max(v) - min(v)
+        print(f"{k:7s} held-out exact match: mean {statistics.mean(v):.3f}, best {max(v):.3f}, "
+              f"seed spread {spread:.3f}")
+    evolved = max(max(v) for v in summary.values())
+    print(f"best evolved {evolved:.3f} vs best parent {parents:.3f} "
+          f"({100 * (evolved - parents):+.1f} points)")
+    for label, stock, live, depth in checks:
+        same = "same" if stock == live else "DIFFERENT"
+        print(f"{label}: from_pretrained {stock['acc']:.3f}/{stock['ll']:.4f}, in-search path "
+              f"model {live['acc']:.3f}/{live['ll']:.4f} ({same}; {depth} layers)")
+    print(f"searches {t_search:.0f} s, all {time.time() - t0:.0f} s")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "demo_out")
@@ -106,6 +244,9 @@ def main(argv=None) -> int:
     p.add_argument("--popsize", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a small family and budget (CI-sized)")
+    p.add_argument("--dataflow", action="store_true",
+                   help="the data-flow demo: PS, DFS and PS+DFS on a compositional task")
+    p.add_argument("--seeds", type=int, default=3, help="--dataflow: search seeds 0..N-1")
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     t0 = time.time()
@@ -116,6 +257,8 @@ def main(argv=None) -> int:
     print(f"[1/3] demo family in {out / 'family'} (built once, then reused)", flush=True)
     family = build_family(out / "family", seed=args.family_seed, quick=args.quick)
 
+    if args.dataflow:
+        return dataflow_demo(args, family, out, t0)
     print("[2/3] evolutionary search (CMA-ES, local Ray, lm-eval HF backend, W&B offline)",
           flush=True)
     storage = out / f"evolve-seed{args.seed}"

@@ -153,7 +153,7 @@ def test_required_parameters_that_do_not_evolve_are_fixed(family):
     ({"parameters": ["normalize"]}, "genome.parameters.normalize", "switch"),
     ({"parameters": {"weight": [1, 0]}}, "genome.parameters", "low < high"),
     ({"parameters": {"weight": [-1, 1]}}, "genome.parameters.weight", "allow_negative_weights"),
-    ({"layer_stacking": {"x": 1}}, "genome.layer_stacking", "not supported"),
+    ({"layer_stacking": {"x": 1}}, "genome.layer_stacking.x", "unknown key"),
     ({"fixed_parameters": {"weight": 1}}, "genome.fixed_parameters.weight", "also evolved"),
     ({"typo_key": 1}, "genome.typo_key", "unknown key"),
     ({"models": []}, "genome.models", None),
