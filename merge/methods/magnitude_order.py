@@ -43,3 +43,22 @@ class MagnitudeOrder:
         upper = int(np.searchsorted(self.ends, j, side="right"))
         pattern = np.array([(upper << 16) | int(self.low[j])], dtype=np.uint32)
         return float(pattern.view(np.float32)[0])
+
+    def counts(self, value: float) -> tuple[int, int]:
+        """How many |τ| are greater than `value`, and how many equal it, exactly."""
+        import numpy as np
+
+        pattern = int(np.array([value], dtype=np.float32).view(np.uint32)[0])
+        return self.n - self._at_most(pattern), self._at_most(pattern) - self._at_most(pattern - 1)
+
+    def _at_most(self, pattern: int) -> int:
+        """How many sorted patterns are <= `pattern` (a non-negative fp32 bit pattern)."""
+        import numpy as np
+
+        if pattern < 0:
+            return 0
+        upper, low = pattern >> 16, pattern & 0xFFFF
+        start = int(self.ends[upper - 1]) if upper > 0 else 0
+        stop = int(self.ends[upper])
+        # within one bucket the patterns share their upper half, so the lower halves are sorted
+        return start + int(np.searchsorted(self.low[start:stop], low, side="right"))
