@@ -291,23 +291,23 @@ def random_sparsifier(inp: MergeInputs, i: int, draw, by_magnitude: bool = False
         return apply_plain
 
     device = inp.base.device
-    keep = torch.empty(inp.base.numel(), dtype=torch.bool, device=device)
+    # uint8, not bool: converting uint8 to fp32 is about 7x faster than bool to fp32 here
+    keep = torch.empty(inp.base.numel(), dtype=torch.uint8, device=device)
     values_of = abs_delta_of(inp, i)
 
     def pre(ch: Chunk):
         a = values_of(ch.span)
-        total = float(a.sum(dtype=torch.float64))
         m = buffer("random.mask", ch.size, device)
         draw(buffer("random.abs", ch.size, device).copy_(a) if by_magnitude else None, ch, m)
         keep[ch.span].copy_(m)
-        return total, float(m.mul_(a).sum(dtype=torch.float64))
+        # fp32 sums per chunk of ~1M entries (the reference sums the whole tensor in fp32)
+        return float(a.sum()), float(torch.dot(a, m))
 
     parts = map_chunks(pre, chunks_of(inp.base.shape), device)
     scale = l1_ratio(sum(p[0] for p in parts), sum(p[1] for p in parts))
 
     def apply(d, chunk, w, tmp):
-        torch.mul(keep[chunk.span], w * scale, out=tmp)
-        d.mul_(tmp)
+        d.mul_(tmp.copy_(keep[chunk.span]).mul_(w * scale))
 
     return apply
 
