@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from merge.methods.chunks import flat, row_length, row_spans
+from merge.methods.chunks import flat, row_length, row_spans, stable_sum
 from merge.methods.order_stats import SMALL, equal_counts, kth_largest_ranked, sample_positions
 from merge.methods.parallel import buffer, map_chunks
 from merge.methods.registry import MergeInputs
@@ -167,8 +167,7 @@ def l1_rescale(inp: MergeInputs, i: int, mask_) -> float:
         a = values_of(ch.span)
         m = buffer("l1.mask", ch.size, a.device).copy_(a)
         mask_(m, ch)
-        total = float(a.sum(dtype=torch.float64))
-        return total, float(m.mul_(a).sum(dtype=torch.float64))
+        return stable_sum(a), stable_sum(m.mul_(a))
 
     parts = map_chunks(sums, chunks_of(inp.base.shape), inp.base.device)
     return l1_ratio(sum(p[0] for p in parts), sum(p[1] for p in parts))
@@ -300,8 +299,7 @@ def random_sparsifier(inp: MergeInputs, i: int, draw, by_magnitude: bool = False
         m = buffer("random.mask", ch.size, device)
         draw(buffer("random.abs", ch.size, device).copy_(a) if by_magnitude else None, ch, m)
         keep[ch.span].copy_(m)
-        # fp32 sums per chunk of ~1M entries (the reference sums the whole tensor in fp32)
-        return float(a.sum()), float(torch.dot(a, m))
+        return stable_sum(a), stable_sum(m.mul_(a))
 
     parts = map_chunks(pre, chunks_of(inp.base.shape), device)
     scale = l1_ratio(sum(p[0] for p in parts), sum(p[1] for p in parts))
