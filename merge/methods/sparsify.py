@@ -111,16 +111,17 @@ def top_cuts(inp: MergeInputs, i: int, ks: list[int]) -> list[Cut]:
 def cuts_of(values_of, spans, n: int, ks: list[int], sample_of, device, order=None) -> list[Cut]:
     """Cuts keeping exactly the k largest values (of `values_of` over `spans`), ties by position.
 
-    The k-th largest value and the counts of greater and equal entries come from a kept order
-    (`MagnitudeOrder`) when given, else from the streamed search (no extra pass); the position of
-    the last kept tie costs one more counting pass only when a tie group at a non-zero value is split.
+    The k-th largest value and the per-chunk counts of greater and equal entries come from a kept
+    order (`MagnitudeOrder`, lookups only) when given, else from the streamed search (no extra
+    pass); when a tie group at a non-zero value is split, one chunk is read to place the split.
     """
     found = []
     if order is not None:
+        same_chunks = getattr(order, "spans", None) == spans
         for k in ks:
             v = order.kth_largest(k)
-            greater, equal = order.counts(v)
-            found.append((k, v, greater, equal, None))
+            greater, equal = order.span_counts(v)   # per chunk: no pass over τ
+            found.append((k, v, sum(greater), sum(equal), equal if same_chunks else None))
     else:
         for k, r in zip(ks, kth_largest_ranked(values_of, spans, n, ks, sample_of(), device)):
             found.append((k, r.value, sum(r.greater), sum(r.equal), r.equal))
