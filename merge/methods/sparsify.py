@@ -276,7 +276,7 @@ def random_sparsifier(inp: MergeInputs, i: int, draw, by_magnitude: bool = False
     multiplied by ‖τ‖₁ / ‖τ kept‖₁ of the whole tensor, so the L1 norm is preserved exactly.
 
     `draw(a, chunk, out)` writes the chunk's 0/1 keep-mask (fp32) into `out`; `a` is |τ| over the
-    chunk when `by_magnitude` (it may be overwritten), else None. Masks come from per-chunk generators, so they are the same with
+    chunk when `by_magnitude` (read only), else None. Masks come from per-chunk generators, so they are the same with
     and without rescaling. With rescaling one pass draws the masks (kept as one byte per entry for
     this tensor and model), sums both norms, and the merge reuses them.
     """
@@ -298,7 +298,7 @@ def random_sparsifier(inp: MergeInputs, i: int, draw, by_magnitude: bool = False
     def pre(ch: Chunk):
         a = values_of(ch.span)
         m = buffer("random.mask", ch.size, device)
-        draw(buffer("random.abs", ch.size, device).copy_(a) if by_magnitude else None, ch, m)
+        draw(a if by_magnitude else None, ch, m)
         keep[ch.span].copy_(m)
         return stable_sum(a), stable_sum(m.mul_(a))
 
