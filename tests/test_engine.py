@@ -84,19 +84,19 @@ def reference_ties(base, models, weights, densities, lam=1.0, normalize=True):
     deltas = []
     for m, w, d in zip(models, weights, densities):
         tau = (m - base).flatten()
-        k = int(round(d * tau.numel()))
+        k = max(1, int(d * tau.numel())) if d > 0 else 0      # the reference's keep count
         keep = torch.zeros_like(tau, dtype=torch.bool)
-        if k > 0:
-            keep[torch.topk(tau.abs(), k).indices] = True
+        if k > 0:   # ties at the cut-off by position
+            keep[tau.abs().sort(descending=True, stable=True).indices[:k]] = True
         deltas.append(w * tau * keep)
     delta = torch.stack(deltas)
-    sign = torch.sign(delta.sum(0))
+    sign = torch.where(delta.sum(0) >= 0, 1.0, -1.0)        # a zero sum elects +
     agree = torch.sign(delta) == sign
     delta = delta * agree
     merged = delta.sum(0)
     if normalize:
         div = (torch.tensor(weights)[:, None] * agree).sum(0)
-        div[div.abs() < 1e-8] = 1.0
+        div[div == 0] = 1.0
         merged = merged / div
     return base + lam * merged.reshape(base.shape)
 

@@ -91,3 +91,25 @@ def f32(x):
     import torch
 
     return x.to(torch.float32, copy=True)
+
+
+SUM_BLOCK = 4096
+
+
+def stable_sum(t) -> float:
+    """Σ t (1-D fp32) as a Python float, the same whatever the thread count.
+
+    A whole-tensor `sum` splits the range over the intra-op threads, so its fp32 rounding depends
+    on their number; here each block of SUM_BLOCK entries is summed by one thread (a row-wise
+    reduction parallelises over rows only) and the block sums are added in fp64, in order.
+    """
+    import torch
+
+    n = t.numel()
+    full = n - n % SUM_BLOCK
+    total = torch.zeros((), dtype=torch.float64)
+    if full:
+        total += t[:full].view(-1, SUM_BLOCK).sum(dim=1).sum(dtype=torch.float64)
+    if full < n:
+        total += t[full:].sum(dtype=torch.float64)
+    return float(total)

@@ -16,6 +16,7 @@ The sample positions depend only on the number of elements, so results are repro
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from merge.methods.parallel import buffer, map_chunks
@@ -33,6 +34,15 @@ def sample_positions(n: int, device):
     return torch.randint(0, n, (SAMPLE,), generator=g).to(device)
 
 
+@dataclass(frozen=True)
+class Ranked:
+    """The k-th largest value and, per span (in span order), how many entries are greater than it
+    and how many equal it: enough to keep exactly k entries with ties broken by position."""
+    value: float
+    greater: list[int]
+    equal: list[int]
+
+
 def kth_largest_many(values_of: ValuesOf, spans: Sequence[slice], n: int, ks: list[int],
                      sample=None, device="cpu") -> list[float]:
     """The k-th largest value (1 <= k <= n) for each k in `ks`, exactly, as Python floats.
@@ -40,14 +50,31 @@ def kth_largest_many(values_of: ValuesOf, spans: Sequence[slice], n: int, ks: li
     `values_of(span)` computes the quantity over one span (the spans cover all n entries);
     `sample` is the quantity at `sample_positions(n)` (used when n > SMALL).
     """
+    return [r.value for r in kth_largest_ranked(values_of, spans, n, ks, sample, device)]
+
+
+def kth_largest_ranked(values_of: ValuesOf, spans: Sequence[slice], n: int, ks: list[int],
+                       sample=None, device="cpu") -> list[Ranked]:
+    """`kth_largest_many` plus the per-span counts of entries greater than / equal to each answer.
+
+    The counts come from the same streaming pass: an entry above a bracket is greater than any
+    value inside it, so only the few entries inside the bracket are compared with the answer.
+    """
     import torch
 
+    spans = list(spans)
     for k in ks:
         if not 1 <= k <= n:
             raise ValueError(f"k={k} outside [1, {n}]")
     if n <= SMALL or sample is None:
-        values = torch.cat([values_of(s).reshape(-1).float().clone() for s in spans])
-        return [float(values.kthvalue(n - k + 1).values) for k in ks]
+        parts = [values_of(s).reshape(-1).float().clone() for s in spans]
+        values = torch.cat(parts)
+        out = []
+        for k in ks:
+            v = float(values.kthvalue(n - k + 1).values)
+            out.append(Ranked(v, [int((p > v).sum()) for p in parts],
+                              [int((p == v).sum()) for p in parts]))
+        return out
 
     ordered = sample.float().sort().values
     brackets = []
@@ -81,10 +108,33 @@ def kth_largest_many(values_of: ValuesOf, spans: Sequence[slice], n: int, ks: li
         band = torch.cat([chunk[j][1] for chunk in per_chunk])
         need = k - above
         if 1 <= need <= band.numel():
-            out.append(float(band.kthvalue(band.numel() - need + 1).values))
+            v = float(band.kthvalue(band.numel() - need + 1).values)
+            # t = fl(c − mid) is monotone: entries above the bracket exceed every value inside it
+            out.append(Ranked(v, [c[j][0] + int((c[j][1] > v).sum()) for c in per_chunk],
+                              [int((c[j][1] == v).sum()) for c in per_chunk]))
         else:
-            out.append(_fallback(values_of, spans, n, k, brackets[j], device))
+            v = _fallback(values_of, spans, n, k, brackets[j], device)
+            greater, equal = counts_at(values_of, spans, v, device)
+            out.append(Ranked(v, greater, equal))
     return out
+
+
+def counts_at(values_of: ValuesOf, spans: Sequence[slice], v: float, device="cpu"):
+    """Per span: how many values are greater than `v`, how many equal it (one streaming pass)."""
+    def count(s):
+        c = values_of(s).reshape(-1)
+        return int((c > v).sum()), int((c == v).sum())
+
+    parts = map_chunks(count, spans, device)
+    return [p[0] for p in parts], [p[1] for p in parts]
+
+
+def equal_counts(values_of: ValuesOf, spans: Sequence[slice], v: float, device="cpu") -> list[int]:
+    """Per span: how many values equal `v`."""
+    def count(s):
+        return int((values_of(s).reshape(-1) == v).sum())
+
+    return map_chunks(count, spans, device)
 
 
 def _fallback(values_of, spans, n: int, k: int, bracket, device) -> float:

@@ -34,15 +34,17 @@ def kth_largest(values, k: int):
 
 
 def magnitude_threshold(delta, density: float):
-    """Smallest |x| that is kept when keeping the top `density` fraction of |delta|.
+    """The k-th largest |x| for the reference's TIES keep count k = max(1, ⌊density·n⌋).
 
-    Returns None when everything is kept and +inf when nothing is. Entries equal to the threshold are
-    all kept, so ties can keep slightly more than `density`.
+    Returns None when everything is kept and +inf when nothing is. Which of the entries equal to it
+    are kept is the sparsifier's business (merge/methods/sparsify.py `Cut`: exactly k, by position).
     """
     n = delta.numel()
-    k = int(round(density * n))
+    if density >= 1.0:
+        return None
+    if density <= 0.0 or n == 0:
+        return math.inf
+    k = max(1, int(density * n))
     if k >= n:
         return None
-    if k <= 0:
-        return math.inf
     return kth_largest(delta.reshape(-1).abs().float(), k)

@@ -4,17 +4,18 @@ A sparsifier is prepared once per (tensor, model) — it may stream over τᵢ o
 and returns a chunk function `apply(d, chunk, w, tmp)` that turns a chunk `d` of τᵢ (fp32, in place)
 into `w · sparsified(d)`; `tmp` is a scratch buffer of the same length. `None` means "keep all".
 
-    magnitude       TIES: keep the top-`density` fraction of |τ| (per tensor)
-    band            breadcrumbs: drop the top `gamma` fraction and the smallest, keep `density`
+    magnitude       TIES: keep the max(1, ⌊density·n⌋) largest |τ| (per tensor)
+    band            breadcrumbs: drop the ⌊gamma·n⌋ largest and the smallest, keep ⌊density·n⌋
     bernoulli       DARE: keep each entry with probability `density`
     magprune        DELLA: keep-probability from density−ε to density+ε by per-row magnitude rank
 
-`rescale` for the random ones divides kept entries by their keep-probability (the L1 norm, and every
-entry, is preserved in expectation); for the deterministic ones it multiplies the kept entries by
-‖τ‖₁ / ‖kept‖₁ (the L1 norm is preserved exactly).
+Keep counts and rescaling are the reference's (mergekit 0.1.5): magnitude keeps exactly
+max(1, ⌊density·n⌋) entries, breadcrumbs ⌊density·n⌋ after ⌊gamma·n⌋ outliers; `rescale` multiplies
+the kept entries by ‖τ‖₁ / ‖τ kept‖₁ of the whole tensor (the L1 norm is preserved exactly), for the
+random methods too (not 1/p per entry), and not at all when either norm is below 1e-7.
 
 Random masks come from 16-bit draws: a keep-probability p is realised as the level
-round(p·2¹⁶)/2¹⁶ and rescaling divides by that same level, so every expectation is exact. Drawing
+round(p·2¹⁶)/2¹⁶ (within 2⁻¹⁷ of p). Drawing
 full 64-bit integers and splitting them in four costs 0.8 ns per entry against 2.8 ns for
 `uniform_` (the Mersenne Twister would otherwise dominate a DARE merge). Each chunk has its own
 generator, derived from --random-seed, the tensor name, the model's index and the chunk's index.
@@ -25,8 +26,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from merge.methods.chunks import flat, row_length, row_spans
-from merge.methods.order_stats import SMALL, kth_largest_many, sample_positions
+from merge.methods.chunks import flat, row_length, row_spans, stable_sum
+from merge.methods.order_stats import SMALL, equal_counts, kth_largest_ranked, sample_positions
 from merge.methods.parallel import buffer, map_chunks
 from merge.methods.registry import MergeInputs
 
@@ -76,28 +77,101 @@ def abs_delta_sample(inp: MergeInputs, i: int):
 def magnitude_thresholds(inp: MergeInputs, i: int, ks: list[int]) -> list[float]:
     """Exact k-th largest |τᵢ| for each k: looked up in a kept order (in-memory merges with
     `cache_magnitudes`), else streaming (no full-size buffer)."""
-    order = inp.magnitude_order(i)
+    return [c.value for c in top_cuts(inp, i, ks)]
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The k entries of largest |τ|, ties at the cut-off broken by position: an entry is kept when
+    |τ| > value, or |τ| == value at a flat index below `split`.
+
+    The reference (mergekit 0.1.5) keeps `torch.argsort(|τ|, descending=True)[:k]`, whose order among
+    equal magnitudes is unspecified (on CPU an unstable SIMD quicksort that depends on the
+    instruction set); we keep the lowest positions first, which is deterministic and independent of
+    chunking. Only ties at a non-zero cut-off can differ: kept zeros contribute nothing.
+    """
+    value: float
+    split: int
+
+    def mask_(self, a, chunk: Chunk) -> None:
+        """a ← 1.0 where this chunk's entry (|τ| in `a`) is kept, else 0.0 (in place)."""
+        j = min(max(self.split - chunk.span.start, 0), chunk.size)
+        if j > 0:
+            a[:j].ge_(self.value)
+        if j < chunk.size:
+            a[j:].gt_(self.value)
+
+
+def top_cuts(inp: MergeInputs, i: int, ks: list[int]) -> list[Cut]:
+    """The cut keeping exactly the k largest |τᵢ| for each k (1 <= k <= n)."""
+    return cuts_of(abs_delta_of(inp, i), list(row_spans(inp.base.shape)), inp.base.numel(), ks,
+                   lambda: abs_delta_sample(inp, i), inp.base.device, inp.magnitude_order(i))
+
+
+def cuts_of(values_of, spans, n: int, ks: list[int], sample_of, device, order=None) -> list[Cut]:
+    """Cuts keeping exactly the k largest values (of `values_of` over `spans`), ties by position.
+
+    The k-th largest value and the per-chunk counts of greater and equal entries come from a kept
+    order (`MagnitudeOrder`, lookups only) when given, else from the streamed search (no extra
+    pass); when a tie group at a non-zero value is split, one chunk is read to place the split.
+    """
+    found = []
     if order is not None:
-        return [order.kth_largest(k) for k in ks]
-    spans = list(row_spans(inp.base.shape))
-    return kth_largest_many(abs_delta_of(inp, i), spans, inp.base.numel(), ks,
-                            abs_delta_sample(inp, i), inp.base.device)
+        same_chunks = getattr(order, "spans", None) == spans
+        for k in ks:
+            v = order.kth_largest(k)
+            greater, equal = order.span_counts(v)   # per chunk: no pass over τ
+            found.append((k, v, sum(greater), sum(equal), equal if same_chunks else None))
+    else:
+        for k, r in zip(ks, kth_largest_ranked(values_of, spans, n, ks, sample_of(), device)):
+            found.append((k, r.value, sum(r.greater), sum(r.equal), r.equal))
+    cuts = []
+    for k, v, greater, equal, per_span in found:
+        need = k - greater                     # how many of the ties at v are kept (1 … equal)
+        if v == 0.0 or need >= equal:          # all ties kept (or they are zeros: no effect)
+            cuts.append(Cut(v, n))
+            continue
+        if per_span is None:
+            per_span = equal_counts(values_of, spans, v, device)
+        cuts.append(Cut(v, _split_after(values_of, spans, per_span, need, v)))
+    return cuts
 
 
-def l1_rescale(inp: MergeInputs, i: int, lo: float, hi: float) -> float:
-    """‖τ‖₁ / ‖τ kept‖₁ for the keep rule lo <= |τ| < hi (1 when nothing is kept)."""
+def _split_after(values_of, spans, equal: list[int], need: int, v: float) -> int:
+    """The flat index just after the `need`-th entry equal to v (in position order)."""
+    before = 0
+    for s, e in zip(spans, equal):
+        if before + e >= need:
+            positions = (values_of(s).reshape(-1) == v).nonzero().reshape(-1)
+            return s.start + int(positions[need - before - 1]) + 1
+        before += e
+    raise AssertionError("fewer ties than counted")
+
+
+def l1_ratio(total: float, kept: float) -> float:
+    """The reference's L1 rescale factor ‖τ‖₁ / ‖τ kept‖₁, as an fp32 quotient; 1 when either norm
+    is below 1e-7 (then the reference leaves the masked tensor unscaled)."""
+    import numpy as np
+
+    if total < 1e-7 or kept < 1e-7:
+        return 1.0
+    return float(np.float32(total) / np.float32(kept))
+
+
+def l1_rescale(inp: MergeInputs, i: int, mask_) -> float:
+    """‖τ‖₁ / ‖τ kept‖₁ for a deterministic keep rule `mask_(|τ| chunk, chunk)` (in place, 0/1)."""
     import torch
 
     values_of = abs_delta_of(inp, i)
 
-    def sums(s):
-        a = values_of(s)
-        kept = a * ((a >= lo) & (a < hi))
-        return float(a.sum(dtype=torch.float64)), float(kept.sum(dtype=torch.float64))
+    def sums(ch: Chunk):
+        a = values_of(ch.span)
+        m = buffer("l1.mask", ch.size, a.device).copy_(a)
+        mask_(m, ch)
+        return stable_sum(a), stable_sum(m.mul_(a))
 
-    parts = map_chunks(sums, row_spans(inp.base.shape), inp.base.device)
-    total, kept = sum(p[0] for p in parts), sum(p[1] for p in parts)
-    return total / kept if kept > 0 else 1.0
+    parts = map_chunks(sums, chunks_of(inp.base.shape), inp.base.device)
+    return l1_ratio(sum(p[0] for p in parts), sum(p[1] for p in parts))
 
 
 def _zero(d, chunk, w, tmp):
@@ -107,22 +181,25 @@ def _zero(d, chunk, w, tmp):
 # --- TIES magnitude -------------------------------------------------------------------------------
 
 def magnitude(inp: MergeInputs, i: int) -> Optional[ChunkFn]:
-    """Keep the top-`density` fraction of |τᵢ|. Entries tied with the threshold are all kept."""
+    """Keep exactly k = max(1, ⌊density·n⌋) entries of largest |τᵢ| (the reference's count: a
+    positive density keeps at least one entry); ties at the cut-off by position (`Cut`)."""
     density = float(inp.model_params[i]["density"])
     n = inp.base.numel()
-    k = int(round(density * n))
+    if density >= 1.0:
+        return None
+    if density <= 0.0 or n == 0:
+        return _zero
+    k = max(1, int(density * n))
     if k >= n:
         return None
-    if k <= 0:
-        return _zero
-    (thr,) = magnitude_thresholds(inp, i, [k])
-    scale = l1_rescale(inp, i, thr, math.inf) if inp.params.get("rescale", False) else 1.0
+    (cut,) = top_cuts(inp, i, [k])
+    scale = l1_rescale(inp, i, cut.mask_) if inp.params.get("rescale", False) else 1.0
 
     def apply(d, chunk, w, tmp):
         import torch
 
-        torch.abs(d, out=tmp).ge_(thr).mul_(w * scale)
-        d.mul_(tmp)
+        cut.mask_(torch.abs(d, out=tmp), chunk)
+        d.mul_(tmp.mul_(w * scale))
 
     return apply
 
@@ -130,29 +207,44 @@ def magnitude(inp: MergeInputs, i: int) -> Optional[ChunkFn]:
 # --- breadcrumbs ----------------------------------------------------------------------------------
 
 def band(inp: MergeInputs, i: int) -> Optional[ChunkFn]:
-    """Drop the largest `gamma` fraction of |τᵢ| (outliers) and the smallest, so that a `density`
-    fraction remains. When density + gamma > 1 the density wins: fewer outliers are dropped."""
+    """Keep ⌊density·n⌋ entries after dropping the ⌊gamma·n⌋ largest |τᵢ| (outliers): descending
+    ranks [top, top + keep). When density + gamma > 1 the density wins: fewer outliers are dropped
+    (top = n − keep), as in the reference."""
     density = float(inp.model_params[i]["density"])
     gamma = float(inp.model_params[i]["gamma"])
     n = inp.base.numel()
-    keep = min(n, int(round(density * n)))
+    if density >= 1.0:
+        return None
+    keep = min(n, int(density * n))
     if keep <= 0:
         return _zero
-    top = min(int(round(gamma * n)), n - keep)
+    top = min(int(gamma * n), n - keep)
     if top == 0 and keep == n:
         return None
     ks = ([top] if top > 0 else []) + ([top + keep] if top + keep < n else [])
-    found = magnitude_thresholds(inp, i, ks)
-    hi = found.pop(0) if top > 0 else math.inf         # drop |τ| >= hi (the top outliers)
-    lo = found.pop(0) if top + keep < n else -math.inf  # drop |τ| < lo (the smallest)
-    scale = l1_rescale(inp, i, lo, hi) if inp.params.get("rescale", False) else 1.0
+    found = top_cuts(inp, i, ks)
+    outliers = found.pop(0) if top > 0 else None      # the `top` largest: dropped
+    kept = found.pop(0) if top + keep < n else None   # the `top + keep` largest (None: all)
+
+    def mask_(a, chunk):
+        if outliers is not None:
+            o = buffer("band.outliers", chunk.size, a.device).copy_(a)
+            outliers.mask_(o, chunk)
+        if kept is None:
+            a.fill_(1.0)
+        else:
+            kept.mask_(a, chunk)
+        if outliers is not None:
+            a.sub_(o)
+        return a
+
+    scale = l1_rescale(inp, i, mask_) if inp.params.get("rescale", False) else 1.0
 
     def apply(d, chunk, w, tmp):
         import torch
 
-        torch.abs(d, out=tmp)
-        torch.mul((tmp >= lo) & (tmp < hi), w * scale, out=tmp)
-        d.mul_(tmp)
+        mask_(torch.abs(d, out=tmp), chunk)
+        d.mul_(tmp.mul_(w * scale))
 
     return apply
 
@@ -179,21 +271,58 @@ def level_of(p: float) -> int:
 
 # --- DARE -----------------------------------------------------------------------------------------
 
+def random_sparsifier(inp: MergeInputs, i: int, draw, by_magnitude: bool = False) -> ChunkFn:
+    """A random keep-mask, rescaled (when `rescale`) as the reference does: the kept entries are
+    multiplied by ‖τ‖₁ / ‖τ kept‖₁ of the whole tensor, so the L1 norm is preserved exactly.
+
+    `draw(a, chunk, out)` writes the chunk's 0/1 keep-mask (fp32) into `out`; `a` is |τ| over the
+    chunk when `by_magnitude` (read only), else None. Masks come from per-chunk generators, so they are the same with
+    and without rescaling. With rescaling one pass draws the masks (kept as one byte per entry for
+    this tensor and model), sums both norms, and the merge reuses them.
+    """
+    import torch
+
+    if not inp.params.get("rescale", True):
+        def apply_plain(d, chunk, w, tmp):
+            a = torch.abs(d, out=buffer("random.abs", chunk.size, d.device)) if by_magnitude else None
+            draw(a, chunk, tmp)
+            d.mul_(tmp.mul_(w))
+
+        return apply_plain
+
+    device = inp.base.device
+    # uint8, not bool: converting uint8 to fp32 is about 7x faster than bool to fp32 here
+    keep = torch.empty(inp.base.numel(), dtype=torch.uint8, device=device)
+    values_of = abs_delta_of(inp, i)
+
+    def pre(ch: Chunk):
+        a = values_of(ch.span)
+        m = buffer("random.mask", ch.size, device)
+        draw(a if by_magnitude else None, ch, m)
+        keep[ch.span].copy_(m)
+        return stable_sum(a), stable_sum(m.mul_(a))
+
+    parts = map_chunks(pre, chunks_of(inp.base.shape), device)
+    scale = l1_ratio(sum(p[0] for p in parts), sum(p[1] for p in parts))
+
+    def apply(d, chunk, w, tmp):
+        d.mul_(tmp.copy_(keep[chunk.span]).mul_(w * scale))
+
+    return apply
+
+
 def bernoulli(inp: MergeInputs, i: int, salt: str = "dare") -> Optional[ChunkFn]:
-    """Keep each entry independently with probability `density`; divide by it when rescaling."""
+    """DARE: keep each entry independently with probability `density`."""
     level = level_of(float(inp.model_params[i]["density"]))
     if level >= LEVELS:
         return None
     if level <= 0:
         return _zero
-    scale = LEVELS / level if inp.params.get("rescale", True) else 1.0
 
-    def apply(d, chunk, w, tmp):
-        g = inp.generator(f"{salt}/{i}/{chunk.index}")
-        random_levels(g, tmp).lt_(level).mul_(w * scale)
-        d.mul_(tmp)
+    def draw(a, chunk, out):
+        random_levels(inp.generator(f"{salt}/{i}/{chunk.index}"), out).lt_(level)
 
-    return apply
+    return random_sparsifier(inp, i, draw)
 
 
 # --- DELLA ----------------------------------------------------------------------------------------
@@ -204,9 +333,8 @@ KEY_SPAN = (1 << 27) - 1  # 16 octaves below the row maximum; smaller entries sh
 
 def magprune(inp: MergeInputs, i: int) -> Optional[ChunkFn]:
     """DELLA's MagPrune: in each row, the entry of ascending magnitude rank r (0 … L−1) is kept with
-    probability pᵣ = density − ε + 2ε·r/(L−1), and divided by pᵣ when rescaling."""
-    import torch
-
+    probability pᵣ = density − ε + 2ε·r/(L−1) (the reference's formula); the kept entries are then
+    rescaled like DARE's (L1 norm of the tensor preserved)."""
     p = float(inp.model_params[i]["density"])
     eps = float(inp.model_params[i]["epsilon"])
     if p >= 1.0:
@@ -215,22 +343,15 @@ def magprune(inp: MergeInputs, i: int) -> Optional[ChunkFn]:
         return _zero
     if eps == 0.0:
         return bernoulli(inp, i, salt="della")   # every rank gets the same probability
-    rescale = inp.params.get("rescale", True)
     length = row_length(inp.base.shape)
     by_rank = keep_levels(p, eps, length).to(inp.base.device)
 
-    def apply(d, chunk, w, tmp):
-        level = buffer("della.level", chunk.size, d.device)
-        torch.abs(d, out=tmp)
-        rank_values(tmp.view(-1, length), by_rank, level.view(-1, length))
-        keep = random_levels(inp.generator(f"della/{i}/{chunk.index}"), tmp).lt_(level)
-        if rescale:
-            keep.div_(level).mul_(LEVELS * w)
-        else:
-            keep.mul_(w)
-        d.mul_(keep)
+    def draw(a, chunk, out):
+        level = buffer("della.level", chunk.size, a.device)
+        rank_values(a.view(-1, length), by_rank, level.view(-1, length))
+        random_levels(inp.generator(f"della/{i}/{chunk.index}"), out).lt_(level)
 
-    return apply
+    return random_sparsifier(inp, i, draw, by_magnitude=True)
 
 
 def keep_levels(p: float, eps: float, length: int):

@@ -8,9 +8,12 @@ Methods differ only in how they sparsify and which defaults they take, so a new 
 over τᵢ once per model (no full-size buffer); the merge itself runs chunk by chunk in fp32 in
 reused scratch buffers.
 
-Sign consensus (TIES): the elected sign is s = sign(Σδᵢ); δᵢ survives where δᵢ·s > 0; with
+Sign consensus (TIES, the reference's "sum" election): the elected sign is s = +1 where Σδᵢ >= 0
+(a zero sum elects +) and −1 elsewhere; δᵢ survives where δᵢ·s > 0 (a zero δᵢ never does); with
 `normalize` the sum of the survivors is divided by the sum of the weights of the models that
-survive at that entry (1 where none does).
+survive at that entry, or by 1 where that sum is exactly 0. Without consensus, `normalize` divides
+by Σwᵢ (by 1 when |Σwᵢ| < 1e-8). λ multiplies the merged task vector (skipped when λ = 1), which is
+then added to the base: the reference's order of operations, so fp32 results round alike.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ def task_vector_merge(inp: MergeInputs, pipeline: Pipeline):
     xs = [flat(x) for x in inp.tensors]
     out = inp.output(inp.base)
     out_flat = flat(out)
-    total_w = sum(weights)
+    total_w = _fp32_sum(weights)
     device = base.device
 
     def merge_chunk(chunk: Chunk) -> None:
@@ -66,10 +69,22 @@ def task_vector_merge(inp: MergeInputs, pipeline: Pipeline):
                 merged.add_(d)
             if normalize:
                 merged.div_(total_w if abs(total_w) >= EPS else 1.0)
-        out_flat[s].copy_(b.add_(merged, alpha=lam))
+        if lam != 1.0:
+            merged.mul_(lam)
+        out_flat[s].copy_(b.add_(merged))
 
     map_chunks(merge_chunk, chunks_of(inp.base.shape), device)
     return out
+
+
+def _fp32_sum(values) -> float:
+    """Σ values accumulated in fp32, in order (as the reference sums its fp32 weight tensor)."""
+    import numpy as np
+
+    total = np.float32(0.0)
+    for v in values:
+        total = np.float32(total + np.float32(v))
+    return float(total)
 
 
 def _delta(x, b, d, fn, chunk, w, tmp) -> None:
@@ -92,7 +107,7 @@ def _consensus(ds, weights, normalize, div, tmp, tmp2):
     elected = tmp.copy_(ds[0])
     for d in ds[1:]:
         elected.add_(d)
-    elected.sign_()
+    elected.ge_(0.0).mul_(2.0).sub_(1.0)          # +1 where Σδᵢ >= 0, else −1
     if normalize:
         div.zero_()
     for d, w in zip(ds, weights):
@@ -104,7 +119,7 @@ def _consensus(ds, weights, normalize, div, tmp, tmp2):
         merged.add_(d)
     merged.mul_(elected)
     if normalize:
-        div.add_(torch.abs(div, out=tmp2).lt_(EPS))    # no survivor (divisor ~0): divide by ~1
+        div.add_(torch.eq(div, 0.0, out=tmp2))          # divisor exactly 0: divide by 1
         merged.div_(div)
     return merged
 
@@ -144,7 +159,17 @@ def _params(normalize: bool, *extra: Param, rescale: Optional[bool] = None) -> l
 
 # --- methods --------------------------------------------------------------------------------------
 
-@register("task_arithmetic", _params(False), needs_base=True,
+# The reference declares density and rescale for task_arithmetic too (it has no sparsifier, so
+# they do nothing there): configs that carry them are accepted.
+UNUSED_DENSITY = Param("density", default=1.0, per_model=True, min=0.0, max=1.0,
+                       doc="accepted for compatibility; no effect (task_arithmetic keeps every "
+                           "entry)")
+UNUSED_RESCALE = Param("rescale", default=False, kind=bool,
+                       doc="accepted for compatibility; no effect (nothing is dropped)")
+
+
+@register("task_arithmetic", [WEIGHT, UNUSED_DENSITY, _normalize(False), UNUSED_RESCALE, LAMBDA,
+                              INT8_MASK], needs_base=True,
           paper="https://arxiv.org/abs/2212.04089",
           summary="base + λ·Σ wᵢ(θᵢ − base)")
 def task_arithmetic(inp: MergeInputs):
