@@ -1,7 +1,7 @@
-"""The spherical, fusion and RAM methods: each semantic that mergekit 0.1.5 fixes, pinned by a direct
-torch computation of the formula in docs/methods.md (no reference toolkit needed), plus degenerate
-inputs. Kernels are called with `MergeInputs` on small random tensors; a few tests build a plan on
-the tiny family to check what a config may say.
+"""The spherical, fusion and RAM methods: each semantic that mergekit 0.1.5 fixes, pinned by a
+direct torch computation of the formula in docs/methods.md (no reference toolkit needed), plus
+degenerate inputs. Kernels are called with `MergeInputs` on small random tensors; a few tests build
+a plan on the tiny family to check what a config may say.
 """
 from __future__ import annotations
 

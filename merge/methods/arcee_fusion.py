@@ -9,8 +9,9 @@
 
 This is mergekit 0.1.5's rule, computed with the same fp32 operations so that entries at the
 threshold fall on the same side: its quantiles are order statistics without interpolation, the
-threshold is formed in fp32 and the comparison keeps ties. A 1-D tensor is one row. Identical models
-give importance 0 everywhere and threshold 0, so every (zero) change is kept: the output is the base.
+threshold is formed in fp32 and the comparison keeps ties. A 1-D tensor is one row. Identical
+models give importance 0 everywhere and threshold 0, so every (zero) change is kept: the output is
+the base.
 The order statistics are exact over the whole tensor and streamed (merge/methods/order_stats.py):
 no full-size buffer of importances is kept. (The reference estimates them from 1M random entries
 when a tensor is larger than that; see docs/compatibility.md.)

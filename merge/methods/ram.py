@@ -96,7 +96,8 @@ def ramplus_tl(inp: MergeInputs):
     def count(s):
         _, mask, counts = _masked(xs, base, s, eps)
         # fp32 sums of 0/1 are exact below 2^24 entries per chunk
-        return torch.stack([mask @ (counts > 1).float(), mask @ (counts == 1).float()]).double().cpu()
+        shared, unique = mask @ (counts > 1).float(), mask @ (counts == 1).float()
+        return torch.stack([shared, unique]).double().cpu()
 
     parts = map_chunks(count, row_spans(base.shape), base.device)
     totals = sum(parts) if parts else torch.zeros((2, len(xs)), dtype=torch.float64)

@@ -7,14 +7,14 @@
     karcher     the Karcher (Fréchet) mean of the unit directions with equal weights, iterated;
                 scaled by the mean norm
 
-nuslerp interpolates the raw vectors with sine weights c₀ = sin((1−t)θ)/sin θ,
-c₁ = sin(tθ)/sin θ, cos θ = ⟨v₀,v₁⟩ / (max(‖v₀‖,1e-7)·max(‖v₁‖,1e-7)). Only vectors (anti)parallel to fp32 precision
+nuslerp interpolates the raw vectors with sine weights c₀ = sin((1−t)θ)/sin θ, c₁ = sin(tθ)/sin θ,
+cos θ = ⟨v₀,v₁⟩ / (max(‖v₀‖,1e-7)·max(‖v₁‖,1e-7)). Only vectors (anti)parallel to fp32 precision
 (1 − cos²θ ≤ 6e-8) fall back to the linear interpolation (1−t)·v₀ + t·v₁; a zero vector has
 cos θ = 0, so it is interpolated at θ = π/2 (c₁ = sin(tπ/2)), never NaN.
 
-The whole-tensor methods run on the Gram matrix of the inputs (merge/methods/combine.py): every
-point of the computation is a linear combination of the inputs, so the geometry is N×N numbers in
-float64 and iterating (Karcher) costs no pass over the tensors.
+The whole-tensor methods run on the Gram matrix of the inputs (`gram_blocked`, written out with
+merge/methods/combine.py): every point of the computation is a linear combination of the inputs,
+so the geometry is N×N numbers in float64 and iterating (Karcher) costs no pass over the tensors.
 """
 from __future__ import annotations
 
@@ -219,8 +219,8 @@ def multislerp(inp: MergeInputs):
     c = w / (norms + eps)
     mean_norm = math.sqrt(max(float(c @ G @ c), 0.0))
     if mean_norm < 1e-3:
-        # The directions nearly cancel: cᵀGc is a difference of O(1) terms, good to ~1e-5 only.
-        # Measure the mean vector itself (one more pass, only here).
+        # The directions nearly cancel: cᵀGc is a difference of O(1) terms, which leaves ‖M‖
+        # an absolute error of ~1e-5. Measure the mean vector itself (one more pass, only here).
         mean_norm = _norm_of_combination(xs, base, c.tolist())
     if mean_norm < eps:
         # no mean direction (all zero, or directions that cancel): the weighted linear sum
@@ -238,7 +238,7 @@ def _norm_of_combination(xs, base, coeffs) -> float:
         v = stacked_chunk(xs, base, s)
         acc = buffer("multislerp.acc", v.shape[1], v.device).zero_()
         for c, row in zip(coeffs, v):
-            acc.add_(row.mul_(c))    # rounded product, then sum (no FMA): exact cancellations stay 0
+            acc.add_(row.mul_(c))    # rounded product, then add (no FMA): exact cancellation is 0
         return float((acc * acc).sum(dtype=_f64()))
 
     return math.sqrt(sum(map_chunks(part, row_spans(xs[0].shape), xs[0].device)))
@@ -266,8 +266,8 @@ def karcher_mean(G, max_iter: int, tol: float):
 
     Inputs with ‖vᵢ‖ ≤ tol have no direction and are left out of the mean (their norm still
     counts in the scale). Start: the normalised chordal mean (the first direction if that is
-    shorter than tol). Each step m ← cos‖T‖·m + sin‖T‖·T/‖T‖ with T = Σ αᵢ·θᵢ/sin θᵢ·(uᵢ − cos θᵢ·m),
-    skipping directions within tol of m, until ‖T‖ < tol or max_iter steps.
+    shorter than tol). Each step m ← cos‖T‖·m + sin‖T‖·T/‖T‖ with
+    T = Σ αᵢ·θᵢ/sin θᵢ·(uᵢ − cos θᵢ·m), skipping directions within tol of m, until ‖T‖ < tol or max_iter steps.
     """
     import torch
 
