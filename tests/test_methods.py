@@ -453,8 +453,9 @@ def test_nuslerp(with_base, mode):
     base, xs = rand_family((20, 16), n=2, scale=1.0)
     w1, w2 = 0.7, 0.3
     t = w2 / (w1 + w2)
-    params = {"flatten": {}, "rows": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
-              "columns": {"nuslerp_flatten": False, "nuslerp_row_wise": False}}[mode]
+    # as mergekit 0.1.5: row_wise false interpolates rows W[r, :], true columns W[:, c]
+    params = {"flatten": {}, "rows": {"nuslerp_flatten": False, "nuslerp_row_wise": False},
+              "columns": {"nuslerp_flatten": False, "nuslerp_row_wise": True}}[mode]
     out = run("nuslerp", xs, base if with_base else None, [{"weight": w1}, {"weight": w2}],
               params)
     a, b = (x - base if with_base else x for x in xs)
@@ -481,9 +482,11 @@ def test_spherical_methods_on_antipodal_and_zero_vectors():
                  {"nuslerp_flatten": False}):
         close(run("nuslerp", [x, -x], model_params=equal, params=mode), torch.zeros_like(x))
         close(run("nuslerp", [x, 2 * base - x], base, equal, mode), base)   # antipodal τ
-        close(run("nuslerp", [base, x], base, equal, mode), base + 0.5 * (x - base))  # zero τ
+        # a zero τ has cos θ = 0: interpolated at θ = π/2, c₁ = sin(π/4)
+        close(run("nuslerp", [base, x], base, equal, mode),
+              base + math.sin(math.pi / 4) * (x - base))
     close(run("multislerp", [x, -x], model_params=equal), torch.zeros_like(x))
-    close(run("karcher", [x, -x]), torch.zeros_like(x))
+    close(run("karcher", [x, -x]), x)        # no chordal mean: it starts and stays at the first
     close(run("multislerp", [base, base], base, equal), base)
     # a zero vector has no direction: the mean is the other one's, norm halved
     close(run("multislerp", [x, base], base, equal), base + 0.5 * (x - base))
@@ -521,27 +524,26 @@ def test_multislerp(with_base):
     w = [0.5, 0.3, 0.2]
     out = run("multislerp", xs, base if with_base else None, [{"weight": v} for v in w])
     vs = [x - base for x in xs] if with_base else xs
-    m, norm = ref_spherical_mean(vs, w, steps=1)
+    # mergekit 0.1.5's tangent step at the chordal mean is zero: the result is the chordal mean
+    m, norm = ref_spherical_mean(vs, w, steps=0)
     close(out, (m * norm).view(base.shape) + (base if with_base else 0))
 
 
 def test_karcher_iterates_to_the_frechet_mean():
     base, xs = rand_family(scale=1.0)
-    w = [1.0, 2.0, 0.5]
-    out = run("karcher", xs, model_params=[{"weight": v} for v in w],
+    # weights are accepted by the kernel but ignored: the mean has equal weights (as 0.1.5)
+    out = run("karcher", xs, model_params=[{"weight": v} for v in [1.0, 2.0, 0.5]],
               params={"max_iter": 10, "tol": 1e-5})
-    m, norm = ref_spherical_mean(xs, w, steps=10, tol=1e-5)
+    m, norm = ref_spherical_mean(xs, [1.0, 1.0, 1.0], steps=10, tol=1e-5)
     close(out, (m * norm).view(base.shape))
 
 
 def test_karcher_of_two_is_slerp_of_the_directions():
     _, xs = rand_family(n=2, scale=3.0)
-    w1, w2 = 1.0, 3.0
-    out = run("karcher", xs, model_params=[{"weight": w1}, {"weight": w2}],
-              params={"max_iter": 100, "tol": 1e-12})
+    out = run("karcher", xs, params={"max_iter": 100, "tol": 1e-12})
     a, b = (x.reshape(-1).double() for x in xs)
-    direction = ref_slerp(w2 / (w1 + w2), a / a.norm(), b / b.norm())
-    norm = (w1 * a.norm() + w2 * b.norm()) / (w1 + w2)
+    direction = ref_slerp(0.5, a / a.norm(), b / b.norm())
+    norm = (a.norm() + b.norm()) / 2
     close(out, (direction * norm).view(xs[0].shape), rtol=1e-4, atol=1e-5)
 
 
@@ -551,7 +553,7 @@ def test_nearswap():
     base, xs = rand_family(n=1)
     x = xs[0]
     t = 0.03
-    w = (t / (base - x).abs()).clamp(0, 1)
+    w = (t / (base - x).abs().clamp_min(1e-6)).clamp(0, 1)
     close(run("nearswap", [x], base, params={"t": t}), w * x + (1 - w) * base)
     assert torch.equal(run("nearswap", [x], base, params={"t": 0.0}), base)
     close(run("nearswap", [base], base, params={"t": 0.0}), base)
@@ -562,15 +564,13 @@ def test_nearswap():
 def test_arcee_fusion(shape):
     base, xs = rand_family(shape, n=1, scale=0.3)
     x = xs[0]
-    kl = (F.softmax(x, -1) * (F.log_softmax(x, -1) - F.log_softmax(base, -1))).sum(-1)
-    imp = (x - base).abs() * kl.clamp_min(0).unsqueeze(-1)
-    q = torch.quantile(imp.reshape(-1), torch.tensor([0.25, 0.5, 0.75]))
-    thr = float(q[1] + 1.5 * (q[2] - q[0]))
-    ref = base + (x - base) * (imp > thr)
+    p, q = F.softmax(x, -1) + 1e-8, F.softmax(base, -1) + 1e-8
+    imp = (x - base).abs() * (p * torch.log(p / q)).sum(-1, keepdim=True)
+    ordered = imp.reshape(-1).sort().values
+    q1, q2, q3 = (ordered[math.floor(f * (ordered.numel() - 1))] for f in (0.25, 0.5, 0.75))
+    ref = base + (x - base) * (imp >= q2 + 1.5 * (q3 - q1))     # mergekit 0.1.5's fence
     out = run("arcee_fusion", [x], base)
-    differ = (out != ref).reshape(-1)
-    # entries may only disagree where the importance is within rounding of the threshold
-    assert bool(((imp.reshape(-1)[differ] - thr).abs() <= 1e-5 * abs(thr) + 1e-12).all())
+    assert torch.equal(out, ref)
     assert 0 < int((out != base).sum()) < base.numel() * 0.25
 
 
@@ -724,13 +724,10 @@ def test_negative_gamma_and_bad_weights(family):
     msg = plan_error(family, "breadcrumbs", [("c0", {"weight": 1.0, "density": 0.9,
                                                      "gamma": -0.1})])
     assert "gamma" in msg and "outside" in msg
-    msg = plan_error(family, "nuslerp", [("c0", {"weight": 1.0}), ("c1", {"weight": -1.0})])
+    msg = plan_error(family, "multislerp", [("c0", {"weight": 1.0}), ("c1", {"weight": -1.0})])
     assert "sum to zero" in msg
-    msg = plan_error(family, "nearswap", [("c0", None)], parameters={"t": -1.0})
+    msg = plan_error(family, "nearswap", [("c0", None)])
     assert "parameters.t" in msg
-    msg = plan_error(family, "karcher", [("c0", None), ("c1", None)], base=False,
-                     parameters={"max_iter": 0})
-    assert "max_iter" in msg
 
 
 @pytest.mark.parametrize("case", ["della", "gamma"])

@@ -9,6 +9,7 @@ from merge.methods import (  # noqa: F401  (registration side effects)
     interpolation,
     model_stock,
     nearswap,
+    ram,
     sce,
     spherical,
     task_vectors,

@@ -9,6 +9,7 @@ from merge.methods.parallel import buffer, map_chunks
 from merge.methods.registry import MergeInputs, Param, register
 
 DOT_THRESHOLD = 0.9995  # |cos| above this: the vectors are (anti)parallel, slerp degenerates to lerp
+NORM_EPS = 1e-8         # a norm at or below this is taken as 1 when normalising
 
 
 @register("linear", [Param("weight", per_model=True, doc="this model's weight"),
@@ -51,12 +52,15 @@ def _dot_and_norms(a, b):
 
 
 def slerp_coefficients(t: float, dot: float, na: float, nb: float) -> tuple[float, float]:
-    """Coefficients (c0, c1) so that slerp = c0·v0 + c1·v1 on the raw (unnormalised) tensors."""
-    denom = math.sqrt(na) * math.sqrt(nb)
-    cos = dot / denom if denom > 0 else 0.0
+    """Coefficients (c0, c1) so that slerp = c0·v0 + c1·v1 on the raw (unnormalised) tensors,
+    from ⟨v0,v1⟩, ‖v0‖², ‖v1‖². A norm at or below NORM_EPS counts as 1 (so a zero vector has
+    cos θ = 0 and is interpolated at θ = π/2)."""
+    la, lb = math.sqrt(max(na, 0.0)), math.sqrt(max(nb, 0.0))
+    la, lb = (la if la > NORM_EPS else 1.0), (lb if lb > NORM_EPS else 1.0)
+    cos = max(-1.0, min(1.0, dot / (la * lb)))
     if abs(cos) > DOT_THRESHOLD:
         return 1.0 - t, t
-    theta = math.acos(max(-1.0, min(1.0, cos)))
+    theta = math.acos(cos)
     sin_theta = math.sin(theta)
     return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
 
