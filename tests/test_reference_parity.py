@@ -118,6 +118,17 @@ def test_ulp_criterion_counts_units_in_the_last_place():
     assert not harness.compare_tensors(ref, ours, "ulp", max_ulp=4).ok
 
 
+def test_ties_cutoff_criterion_excuses_only_the_marked_entries():
+    ref = _state(1, dtype=torch.bfloat16)
+    ours = {k: v.clone() for k, v in ref.items()}
+    ours["w"].view(-1)[:3] = -ours["w"].view(-1)[:3] - 1     # far beyond any ulp bound
+    ties = torch.zeros(ref["w"].shape, dtype=torch.bool)
+    ties.view(-1)[:3] = True
+    assert harness.compare_tensors(ref, ours, "ties-cutoff", cutoff_ties={"w": ties}).ok
+    ties.view(-1)[2] = False                                  # one difference off the ties
+    assert not harness.compare_tensors(ref, ours, "ties-cutoff", cutoff_ties={"w": ties}).ok
+
+
 def test_stats_criterion_catches_a_missing_rescale_and_a_wrong_density():
     base = _state(2, n=20000)
     tau = {k: v - base[k] for k, v in _state(3, n=20000).items()}
