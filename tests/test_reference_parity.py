@@ -145,3 +145,11 @@ def test_stats_criterion_catches_a_missing_rescale_and_a_wrong_density():
     assert check(dare(10, 0.5), dare(11, 0.5)).ok
     assert not check(dare(10, 0.5), dare(11, 0.5, rescale=False)).ok
     assert not check(dare(10, 0.5), dare(11, 0.6)).ok
+
+
+def test_chat_templates_are_compared_by_what_they_render():
+    a = "{% for m in messages %}{{'<|' + m['role'] + '|>' + m['content']}}{% endfor %}"
+    b = "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}{% endfor %}"
+    c = "{% for m in messages %}{{ '[' + m['role'] + ']' + m['content'] }}{% endfor %}"
+    assert harness.render_chat(a) == harness.render_chat(b)
+    assert harness.render_chat(a) != harness.render_chat(c)

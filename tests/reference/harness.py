@@ -568,12 +568,34 @@ def compare_tokenizers(ref_dir: Path, our_dir: Path) -> tuple[list[str], Optiona
                         f"{sorted(r['added'].items())[:8]}, ours {sorted(o['added'].items())[:8]}")
     if r["special"] != o["special"]:
         problems.append(f"tokenizer: special tokens reference {r['special']}, ours {o['special']}")
-    if r["chat_template"] != o["chat_template"]:
+    if r["chat_template"] != o["chat_template"] and \
+            render_chat(r["chat_template"]) != render_chat(o["chat_template"]):
         def short(t):
             return None if t is None else (t[:60] + "...")
         problems.append(f"tokenizer: chat template reference {short(r['chat_template'])!r}, "
                         f"ours {short(o['chat_template'])!r}")
     return problems, permutation
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+]
+
+
+def render_chat(template: Optional[str]):
+    """What a chat template renders for a few conversations, with and without the generation
+    prompt: two templates that differ only in Jinja whitespace control render the same text."""
+    if template is None:
+        return None
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    tpl = env.from_string(template)
+    return [tpl.render(messages=m, add_generation_prompt=g, bos_token="<s>", eos_token="</s>")
+            for m in CONVERSATIONS for g in (False, True)]
 
 
 def follow_tokens(ours: dict, ref: dict, permutation: dict) -> list[str]:
