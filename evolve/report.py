@@ -95,7 +95,8 @@ def render_png(store: RunStore, space: GenomeSpace, history: list[dict],
     ax.set_xlabel("generation")
     ax.set_ylabel("fitness")
     ax.set_title("fitness")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
     ax = fig.add_subplot(top[0, 1])
     if stats:

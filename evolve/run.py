@@ -47,6 +47,8 @@ class Options:
     limit: Optional[float] = None              # overrides the genome file's `limit`
     layer_granularity: Optional[int] = None    # overrides `genome.layer_granularity`
     cache_magnitudes: bool = False
+    eval_timeout: Optional[float] = None       # per evaluation; None: adaptive (evolve.faults)
+    fidelity: str = "auto"                     # auto | multi | full (evolve.fidelity)
 
 
 class Run:
@@ -65,6 +67,19 @@ class Run:
             click.echo(message, err=True)
 
     def execute(self) -> int:
+        try:
+            return self._execute()
+        except OSError as e:     # a full disk under the storage folder: one line, resumable
+            from evolve import faults
+
+            if not faults.is_disk_full(e):
+                raise
+            done = len(getattr(getattr(self, "search", None), "history", []) or [])
+            needs = faults.storage_needs(self.store.root, max(0, self.opts.max_fevals - done),
+                                         faults.model_bytes(self.config0))
+            raise faults.disk_full_error(e, self.store.root, needs) from None
+
+    def _execute(self) -> int:
         from evolve.storage import RunStore
 
         opts = self.opts
@@ -150,6 +165,7 @@ class Run:
     def _search(self, resuming: bool) -> int:
         from evolve.fitness import weighted_fitness
         from evolve.search import Search
+        from evolve.faults import EvalLimits
         from evolve.workers import DIE_ONCE_ENV, RaySession, WorkerPool, WorkerSpec
 
         opts, store, meta = self.opts, self.store, self.meta
@@ -169,9 +185,9 @@ class Run:
             ray_seconds = time.perf_counter() - t0
             store.write_run(meta)
             weights = {t.name: t.weight for t in self.cfg.tasks}
-            search = Search(self.space, store, _search_options(meta, opts, self.cfg),
-                            fitness=lambda scores: weighted_fitness(scores, weights),
-                            log=self.log)
+            search = self.search = Search(
+                self.space, store, _search_options(meta, opts, self.cfg),
+                fitness=lambda scores: weighted_fitness(scores, weights), log=self.log)
             threads = (max(1, local_cpus // opts.workers) if not opts.ray_address
                        else max(1, int(opts.cpus_per_worker)))
             spec = WorkerSpec(initial_config=self.config0, eval=self.settings, device=self.device,
@@ -187,7 +203,7 @@ class Run:
                 self.log(f"note: {note}")
             t1 = time.perf_counter()
             pool = WorkerPool(spec, opts.workers, cpus=opts.cpus_per_worker, gpus=self.gpus,
-                              log=self.log)
+                              log=self.log, limits=EvalLimits(fixed=opts.eval_timeout))
             self.log(f"workers ready in {time.perf_counter() - t1:.1f}s (model + tasks built in "
                      f"{max(pool.worker_startup):.1f}s per worker); "
                      f"{_describe_placement(pool.placements)}")
@@ -245,7 +261,12 @@ class Run:
                 self._write_report(search, "running")
                 state["last_report"] = time.monotonic()
 
-        return search.run(pool.run, on_record, on_generation)
+        from functools import partial
+
+        from evolve.faults import deadline_grace
+
+        return search.run(partial(pool.run, grace=deadline_grace(opts.timeout)), on_record,
+                          on_generation)
 
     def _close_bar(self) -> None:
         if self.bar is not None:
@@ -257,7 +278,11 @@ class Run:
 
         try:
             write_report(self.store, self.space, search.history, search.stats, outcome)
-        except Exception as e:  # a plotting problem must not end a search
+        except Exception as e:  # a plotting problem must not end a search (a full disk does)
+            from evolve.faults import is_disk_full
+
+            if is_disk_full(e):
+                raise
             self.log(f"warning: could not draw the report: {type(e).__name__}: {e}")
 
     def _finish_outputs(self, search, outcome: str, merge: bool) -> None:
