@@ -151,7 +151,7 @@ class Run:
         tm = task_lib.task_manager(include, names)
         task_lib.check_task_names(tm, names)
         # Loading here also prepares the datasets once, so the workers find them cached.
-        loaded = task_lib.load_tasks(tm, names, cfg.num_fewshot, self.seed)
+        loaded = self.loaded = task_lib.load_tasks(tm, names, cfg.num_fewshot, self.seed)
         task_lib.check_metrics(loaded, cfg.tasks)
         batch = opts.batch_size if opts.batch_size.startswith("auto") else int(opts.batch_size)
         return EvalSettings(task_names=names, metrics={t.name: t.metric for t in cfg.tasks},
@@ -183,10 +183,11 @@ class Run:
         try:
             session.check_resources(opts.workers, opts.cpus_per_worker, self.gpus)
             ray_seconds = time.perf_counter() - t0
+            plan = self._fidelity(resuming)
             store.write_run(meta)
             weights = {t.name: t.weight for t in self.cfg.tasks}
             search = self.search = Search(
-                self.space, store, _search_options(meta, opts, self.cfg),
+                self.space, store, _search_options(meta, opts, self.cfg, plan),
                 fitness=lambda scores: weighted_fitness(scores, weights), log=self.log)
             threads = (max(1, local_cpus // opts.workers) if not opts.ray_address
                        else max(1, int(opts.cpus_per_worker)))
@@ -196,10 +197,10 @@ class Run:
                               backend=opts.backend, cache_magnitudes=opts.cache_magnitudes,
                               vllm=self.cfg.vllm.model_dump() if self.cfg.vllm else None)
             self.log(f"{'resuming' if resuming else 'starting'}: {self.space.dim} genes, popsize "
-                     f"{meta['search']['popsize']}, {len(search.history)}/{opts.max_fevals} "
+                     f"{meta['search']['popsize']}, {search.fevals}/{opts.max_fevals} "
                      f"evaluations done; Ray ready in {ray_seconds:.1f}s, starting "
                      f"{opts.workers} worker(s)")
-            for note in self.space.notes:
+            for note in self.space.notes + plan.notes:
                 self.log(f"note: {note}")
             t1 = time.perf_counter()
             pool = WorkerPool(spec, opts.workers, cpus=opts.cpus_per_worker, gpus=self.gpus,
@@ -227,11 +228,24 @@ class Run:
             session.shutdown()
         return self._finalize(search, outcome, tracker)
 
+    def _fidelity(self, resuming: bool):
+        """The run's multi-fidelity plan (evolve.fidelity); a resumed run keeps its mode."""
+        from evolve.fidelity import make_plan
+
+        search, s = self.meta["search"], self.settings
+        mode = search.get("fidelity", "full") if resuming else self.opts.fidelity
+        if resuming and self.opts.fidelity not in ("auto", mode):
+            self.log(f"note: --fidelity {self.opts.fidelity} ignored; the resumed run uses {mode}")
+        plan = make_plan(mode, self.loaded, s.task_names, s.metrics, s.limit, s.shuffle,
+                         s.seed, search["popsize"])
+        search["fidelity"] = "multi" if plan.multi else "full"
+        return plan
+
     def _loop(self, search, pool, tracker):
         from tqdm import tqdm
 
         opts = self.opts
-        self.bar = tqdm(total=opts.max_fevals, initial=len(search.history), unit="eval",
+        self.bar = tqdm(total=opts.max_fevals, initial=search.fevals, unit="eval",
                         desc="evolve", disable=opts.quiet, dynamic_ncols=True, file=sys.stderr)
         best = search.best()
         if best:
@@ -239,10 +253,13 @@ class Run:
         state = {"best": best["fitness"] if best else None, "last_report": 0.0}
 
         def on_record(record):
-            self.bar.update(1)
+            if record.get("rung", 0) == 0:
+                self.bar.update(1)
             if record.get("error"):
                 self.log(f"candidate {record['generation']}.{record['index']} failed: "
                          f"{record['error']}")
+                return
+            if record.get("full") is False:    # a rung-0 subset score (evolve.fidelity)
                 return
             if state["best"] is None or record["fitness"] > state["best"]:
                 state["best"] = record["fitness"]
@@ -337,12 +354,13 @@ def _describe_placement(placements: list[dict]) -> str:
     return f"placed on {len(nodes)} node(s): " + ", ".join(parts)
 
 
-def _search_options(meta: dict, opts: Options, cfg):
+def _search_options(meta: dict, opts: Options, cfg, plan=None):
     from evolve.search import SearchOptions
 
     s = meta["search"]
     return SearchOptions(max_fevals=opts.max_fevals, popsize=s["popsize"], sigma0=s["sigma0"],
-                         seed=s["seed"], timeout=opts.timeout, random_init=cfg.random_init)
+                         seed=s["seed"], timeout=opts.timeout, random_init=cfg.random_init,
+                         fidelity=plan)
 
 
 def _wandb_config(meta: dict, opts: Options) -> dict:

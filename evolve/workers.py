@@ -55,6 +55,7 @@ class EvalWorker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.placement = _placement()
         self.error: Optional[str] = None
+        self._merged: Optional[dict] = None    # the config the live model holds now
         t0 = time.perf_counter()
         try:
             self._setup(spec)
@@ -104,7 +105,10 @@ class EvalWorker:
         try:
             if self.error:
                 raise EvomergeError(self.error)
-            self._load(MergeConfig.from_dict(config))
+            if config != self._merged:      # a promoted candidate's next rung: already merged
+                self._merged = None
+                self._load(MergeConfig.from_dict(config))
+                self._merged = config
             t1 = time.perf_counter()
             self._test_hook_die()
             self._test_hook_hang()
