@@ -92,6 +92,9 @@ class Run:
         store.root.mkdir(parents=True, exist_ok=True)
         lock = _lock(store.root)
         try:
+            from evolve.console import route_third_party
+
+            route_third_party(store.root / "logs" / "driver.log")
             self.meta = self._meta(identity, resuming)
             if opts.ray_address:   # cheap and common: check it before the slower task loading
                 from evolve.workers import _probe
@@ -195,6 +198,7 @@ class Run:
                               merge_seed=self.seed, trust_remote_code=opts.trust_remote_code,
                               threads=threads, die_marker=os.environ.get(DIE_ONCE_ENV),
                               backend=opts.backend, cache_magnitudes=opts.cache_magnitudes,
+                              log_dir=str(store.root / "logs"),
                               vllm=self.cfg.vllm.model_dump() if self.cfg.vllm else None)
             self.log(f"{'resuming' if resuming else 'starting'}: {self.space.dim} genes, popsize "
                      f"{meta['search']['popsize']}, {search.fevals}/{opts.max_fevals} "
@@ -338,7 +342,8 @@ class Run:
                    f"best fitness {best['fitness']:.6g} ({scores}) at generation "
                    f"{best['generation']}, candidate {best['index']}\n"
                    f"  config: {store.best_config}\n  report: {store.report_html}"
-                   + (f"\n  model:  {store.best_model}" if self.opts.merge_best else ""))
+                   + (f"\n  model:  {store.best_model}" if self.opts.merge_best else "")
+                   + f"\n  logs:   {store.root / 'logs'} (third-party messages)")
         return 0
 
 

@@ -43,6 +43,7 @@ class WorkerSpec:
     threads: Optional[int] = None
     die_marker: Optional[str] = None
     hang_marker: Optional[str] = None   # test hook: evolve.faults.HANG_ENV
+    log_dir: Optional[str] = None       # third-party output goes to LOG_DIR/worker-<pid>.log
     backend: str = "hf"             # hf | vllm
     cache_magnitudes: bool = False  # keep task-vector magnitude orders (MergeOptions)
     vllm: Optional[dict] = None     # the genome's `vllm:` section (vllm_backend.VllmSettings)
@@ -65,6 +66,10 @@ class EvalWorker:
 
     def _setup(self, spec: WorkerSpec) -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")   # lm-eval's bars would only fill Ray's logs
+        if spec.log_dir:
+            from evolve.console import route_third_party
+
+            route_third_party(Path(spec.log_dir) / f"worker-{os.getpid()}.log")
         import torch
 
         from merge.config import MergeConfig

@@ -166,3 +166,7 @@ def test_multi_fidelity_on_the_real_stack_scores_the_promoted_exactly_as_full_fi
     direct = Scorer(model, AutoTokenizer.from_pretrained(family["base"]), settings).score()
     assert promoted["scores"]["evo_toy"] == pytest.approx(direct["evo_toy"])
     assert json.loads((storage / "run.json").read_text())["search"]["fidelity"] == "multi"
+    # a readable console: lm-eval's per-model warning is in the worker's log, not on the terminal
+    worker_logs = list((storage / "logs").glob("worker-*.log"))
+    assert worker_logs and "kwarg is not of type" in worker_logs[0].read_text()
+    assert "kwarg is not of type" not in err and (storage / "logs" / "driver.log").is_file()
