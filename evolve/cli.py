@@ -100,6 +100,11 @@ def _parse_batch_size(ctx, param, value):
               help="multi: score each generation on a small item subset first and only the most "
                    "promising candidates on every item; full: every candidate on every item; "
                    "auto: multi where it pays (see docs/evolve.md).")
+@click.option("--objective", type=click.Choice(["weighted", "pareto"]), default="weighted",
+              show_default=True,
+              help="pareto: every task is an objective (tasks[].goal: maximize|minimize); the "
+                   "search keeps a Pareto front, a config per member in STORAGE/pareto/, "
+                   "best_config.yaml the front member with the best weighted fitness.")
 @click.option("--dry-run", is_flag=True,
               help="Check the genome, print its dimensions and the starting config, and exit.")
 @click.option("--merge-best/--no-merge-best", default=True, show_default=True,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -51,6 +51,8 @@ class TaskSpec(_Strict):
     name: str
     weight: float = 1.0
     metric: str = "acc,none"
+    # the objective's direction (evolve.pareto); None = maximize (kept out of old runs' identity)
+    goal: Optional[Literal["maximize", "minimize"]] = None
 
     @field_validator("name", "metric")
     @classmethod

@@ -49,6 +49,7 @@ class Options:
     cache_magnitudes: bool = False
     eval_timeout: Optional[float] = None       # per evaluation; None: adaptive (evolve.faults)
     fidelity: str = "auto"                     # auto | multi | full (evolve.fidelity)
+    objective: str = "weighted"                # weighted | pareto (evolve.pareto)
 
 
 class Run:
@@ -188,9 +189,11 @@ class Run:
             ray_seconds = time.perf_counter() - t0
             plan = self._fidelity(resuming)
             store.write_run(meta)
-            weights = {t.name: t.weight for t in self.cfg.tasks}
+            # `goal: minimize` tasks count against the fitness (users need not flip signs)
+            weights = {t.name: -t.weight if t.goal == "minimize" else t.weight
+                       for t in self.cfg.tasks}
             search = self.search = Search(
-                self.space, store, _search_options(meta, opts, self.cfg, plan),
+                self.space, store, _search_options(meta, opts, self.cfg, plan, self.goals()),
                 fitness=lambda scores: weighted_fitness(scores, weights), log=self.log)
             threads = (max(1, local_cpus // opts.workers) if not opts.ray_address
                        else max(1, int(opts.cpus_per_worker)))
@@ -232,6 +235,12 @@ class Run:
             session.shutdown()
         return self._finalize(search, outcome, tracker)
 
+    def goals(self) -> Optional[dict]:
+        """Per-task objective directions when the run searches a Pareto front, else None."""
+        if self.meta["search"].get("objective", "weighted") != "pareto":
+            return None
+        return {t.name: t.goal or "maximize" for t in self.cfg.tasks}
+
     def _fidelity(self, resuming: bool):
         """The run's multi-fidelity plan (evolve.fidelity); a resumed run keeps its mode."""
         from evolve.fidelity import make_plan
@@ -243,6 +252,8 @@ class Run:
         plan = make_plan(mode, self.loaded, s.task_names, s.metrics, s.limit, s.shuffle,
                          s.seed, search["popsize"])
         search["fidelity"] = "multi" if plan.multi else "full"
+        if not resuming:
+            search["objective"] = self.opts.objective
         return plan
 
     def _loop(self, search, pool, tracker):
@@ -298,7 +309,8 @@ class Run:
         from evolve.report import write_report
 
         try:
-            write_report(self.store, self.space, search.history, search.stats, outcome)
+            write_report(self.store, self.space, search.history, search.stats, outcome,
+                         goals=self.goals())
         except Exception as e:  # a plotting problem must not end a search (a full disk does)
             from evolve.faults import is_disk_full
 
@@ -314,6 +326,12 @@ class Run:
         best = search.best()
         if best is not None:
             write_best_config(self.store, best, self.seed)
+        if self.goals():
+            from evolve.report import write_front
+
+            front = write_front(self.store, search.history, self.goals(), self.seed)
+            self.log(f"Pareto front: {len(front)} candidate(s), a config each in "
+                     f"{self.store.root / 'pareto'}")
         self._write_report(search, outcome)
         if best is not None and merge:
             device = self.device
@@ -359,13 +377,13 @@ def _describe_placement(placements: list[dict]) -> str:
     return f"placed on {len(nodes)} node(s): " + ", ".join(parts)
 
 
-def _search_options(meta: dict, opts: Options, cfg, plan=None):
+def _search_options(meta: dict, opts: Options, cfg, plan=None, goals=None):
     from evolve.search import SearchOptions
 
     s = meta["search"]
     return SearchOptions(max_fevals=opts.max_fevals, popsize=s["popsize"], sigma0=s["sigma0"],
                          seed=s["seed"], timeout=opts.timeout, random_init=cfg.random_init,
-                         fidelity=plan)
+                         fidelity=plan, goals=goals)
 
 
 def _wandb_config(meta: dict, opts: Options) -> dict:

@@ -33,6 +33,7 @@ class SearchOptions:
     timeout: Optional[float] = None   # seconds of wall time for this invocation
     random_init: bool = False
     fidelity: Optional[Any] = None    # evolve.fidelity.FidelityPlan; None: the workers' items
+    goals: Optional[dict] = None      # task -> maximize|minimize: Pareto ranks (evolve.pareto)
 
 
 @dataclass
@@ -203,10 +204,13 @@ class Search:
                     reason = "timeout" if timed_out() else "max-fevals"
                     break
                 records = [rung1.get(i, rung0[i]) for i in range(len(asked))]
-                from evolve.fidelity import optimizer_values
+            if plan or opts.goals:
+                from evolve import fidelity, pareto
 
-                values = optimizer_values([{"fitness": r.get("fitness"),
-                                            "full": r.get("full", True)} for r in records])
+                entries = [{"fitness": r.get("fitness"), "full": r.get("full", True),
+                            "scores": r.get("scores")} for r in records]
+                values = (pareto.optimizer_values(entries, opts.goals) if opts.goals
+                          else fidelity.optimizer_values(entries))
                 self.es.tell(self._asked_arrays, values)
             else:
                 # Penalties are relative to everything seen so far: a failure always ranks last.
