@@ -64,14 +64,17 @@ class FidelityPlan:
                 for task, items in self.full.items()}
 
     def describe_items(self, generation: int, rung: int) -> dict:
-        """What a record says about the items its scores used."""
+        """What a record says about the items its scores used: `count` items (of `of`), of
+        which `scored` were scored by this evaluation (rung 1 reuses rung 0's); `subset` names
+        them (rung 0: `seed<S>/g<G>`, drawn by `low_items(G)`)."""
+        total = self.total()
         if not self.multi:
-            return {"count": self.total(), "of": self.total(), "subset": "full"}
+            return {"count": total, "of": total, "scored": total, "subset": "full"}
+        low = sum(len(v) for v in self.low_items(generation).values())
         if rung == 0:
-            low = self.low_items(generation)
-            return {"count": sum(len(v) for v in low.values()), "of": self.total(),
+            return {"count": low, "of": total, "scored": low,
                     "subset": f"seed{self.seed}/g{generation}", "rung": 0}
-        return {"count": self.total(), "of": self.total(), "subset": "full", "rung": 1}
+        return {"count": total, "of": total, "scored": total - low, "subset": "full", "rung": 1}
 
     def share(self, popsize: int) -> float:
         """The expected share of full fitness's items this plan scores per generation."""

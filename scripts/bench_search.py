@@ -60,12 +60,24 @@ def search(mode: str, seed: int, genome: Path, args) -> dict:
     if r.returncode != 0:
         raise SystemExit(f"{mode} seed {seed} failed:\n{r.stderr[-3000:]}")
     history = [json.loads(line) for line in (storage / "history.jsonl").read_text().splitlines()]
-    items = sum(rec["items"]["count"] for rec in history)
+    items = sum(scored_items(rec, history) for rec in history)
     best = yaml.safe_load((storage / "best_config.yaml").read_text())
     fit = max(rec["fitness"] for rec in history if rec.get("fitness") is not None
               and rec.get("full", True))
     return {"items": items, "wall": wall, "config": best, "fit": fit,
             "candidates": sum(1 for rec in history if rec.get("rung", 0) == 0)}
+
+
+def scored_items(rec: dict, history: list[dict]) -> int:
+    """Items this evaluation scored (a rung-1 record reuses its candidate's rung-0 items)."""
+    items = rec["items"]
+    if "scored" in items:
+        return items["scored"]
+    if items.get("rung") == 1:   # histories written before `scored` existed
+        low = next(r for r in history if r["generation"] == rec["generation"]
+                   and r["index"] == rec["index"] and r.get("rung") == 0)
+        return items["count"] - low["items"]["count"]
+    return items["count"]
 
 
 class Judge:

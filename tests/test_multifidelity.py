@@ -76,17 +76,18 @@ def test_rungs_share_items_combine_exactly_and_record_what_they_used(space, tmp_
         assert len(low) == 1 and len(next(iter(low))) == 8     # one subset per generation
         rest = seen[g * 9 + 8][1]
         assert sorted(rest + list(next(iter(low)))) == list(range(N_ITEMS))
-        assert all(r["items"] == {"count": 8, "of": 64, "subset": f"seed5/g{g}", "rung": 0}
-                   and r["full"] is False for r in rung0)
+        assert all(r["items"] == {"count": 8, "of": 64, "scored": 8, "subset": f"seed5/g{g}",
+                                  "rung": 0} and r["full"] is False for r in rung0)
         top = max(rung0, key=lambda r: (r["fitness"], -r["index"]))
         assert rung1[0]["index"] == top["index"] and rung1[0]["full"] is True
-        assert rung1[0]["items"]["count"] == 64
+        assert rung1[0]["items"]["count"] == 64 and rung1[0]["items"]["scored"] == 56
         assert rung1[0]["fitness"] == pytest.approx(full_score(rung1[0]["config"]))
     subsets = {tuple(items) for _, items in seen[0:8]} | {tuple(items) for _, items in seen[9:17]}
     assert len(subsets) == 2                                   # a new subset every generation
     assert outcome.best["full"] and outcome.best["rung"] == 1
     scored = sum(len(items) for _, items in seen)
     assert scored == 4 * (8 * 8 + 56) and scored <= 0.25 * 32 * N_ITEMS
+    assert scored == sum(r["items"]["scored"] for r in search.history)
     lines = (tmp_path / "history.jsonl").read_text().splitlines()
     assert len(lines) == 36 and all(json.loads(line)["items"] for line in lines)
 
