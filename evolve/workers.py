@@ -44,6 +44,7 @@ class WorkerSpec:
     die_marker: Optional[str] = None
     hang_marker: Optional[str] = None   # test hook: evolve.faults.HANG_ENV
     log_dir: Optional[str] = None       # third-party output goes to LOG_DIR/worker-<pid>.log
+    share_inputs: bool = True           # CPU: inputs as views of the node's page cache
     backend: str = "hf"             # hf | vllm
     cache_magnitudes: bool = False  # keep task-vector magnitude orders (MergeOptions)
     vllm: Optional[dict] = None     # the genome's `vllm:` section (vllm_backend.VllmSettings)
@@ -91,6 +92,10 @@ class EvalWorker:
                                                   trust_remote_code=spec.trust_remote_code,
                                                   cache_magnitudes=spec.cache_magnitudes))
         config = MergeConfig.from_dict(spec.initial_config)
+        if spec.share_inputs:    # one copy of the inputs per node (evolve.shared_inputs)
+            from evolve.shared_inputs import share_inputs
+
+            share_inputs(self.merger, config)
         self.model = self.merger.build_model(config)
         tokenizer = _merged_tokenizer(self.merger.plan(config), spec.trust_remote_code)
         self.scorer = Scorer(self.model, tokenizer, spec.eval)
