@@ -284,7 +284,7 @@ class Search:
                "sigma": float(self.es.sigma), "fevals": self.fevals,
                "seconds": sum(r.get("seconds") or 0.0 for r in every)}
         if any("items" in r for r in every):
-            out["items"] = sum((r.get("items") or {}).get("count", 0) for r in every)
+            out["items"] = sum((r.get("items") or {}).get("scored", 0) for r in every)
         return out
 
 
