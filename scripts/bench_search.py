@@ -44,14 +44,16 @@ SKILLS = ("cipher", "reverse", "double")
 
 
 def search(mode: str, seed: int, genome: Path, args) -> dict:
-    storage = WORK / f"{mode}-seed{seed}"
+    popsize, fevals = ((args.multi_popsize or args.popsize, args.multi_fevals or args.max_fevals)
+                       if mode == "multi" else (args.popsize, args.max_fevals))
+    storage = WORK / f"{mode}-p{popsize}-n{fevals}-seed{seed}"
     if storage.exists():
         import shutil
 
         shutil.rmtree(storage)
     cmd = [sys.executable, "-m", "evolve", str(genome), "--storage-path", str(storage),
-           "--workers", str(args.workers), "--max-fevals", str(args.max_fevals), "--popsize",
-           str(args.popsize), "--seed", str(seed), "--batch-size", "64", "--fidelity", mode,
+           "--workers", str(args.workers), "--max-fevals", str(fevals), "--popsize",
+           str(popsize), "--seed", str(seed), "--batch-size", "64", "--fidelity", mode,
            "--no-wandb", "--no-merge-best", "-q"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
@@ -140,6 +142,12 @@ def main(argv=None) -> int:
     p.add_argument("--popsize", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--family-seed", type=int, default=0)
+    p.add_argument("--modes", default="full,multi,random,grid",
+                   help="which rows (random and grid take their budget from multi's)")
+    p.add_argument("--multi-popsize", type=int, default=None,
+                   help="popsize of the multi-fidelity runs [default: --popsize]")
+    p.add_argument("--multi-fevals", type=int, default=None,
+                   help="candidates of the multi-fidelity runs [default: --max-fevals]")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -158,17 +166,18 @@ def main(argv=None) -> int:
     judge = Judge(family)
     items_per = 3 * 60
 
-    rows: dict[str, list[dict]] = {m: [] for m in ("full", "multi", "random", "grid")}
+    modes = args.modes.split(",")
+    rows: dict[str, list[dict]] = {m: [] for m in modes}
     for seed in args.seeds:
-        for mode in ("full", "multi"):
+        for mode in [m for m in ("full", "multi") if m in modes]:
             r = search(mode, seed, genome_path, args)
             r["heldout"] = judge.score(r["config"], "heldout")
             rows[mode].append(r)
             print(f"seed {seed} {mode:6s} items {r['items']:6d}  wall {r['wall']:6.1f}s  "
                   f"fit {r['fit']:.3f}  held-out {r['heldout']:.3f}", flush=True)
-        budget = rows["multi"][-1]["items"]
+        budget = rows["multi"][-1]["items"] if "multi" in rows else args.max_fevals * items_per // 4
         n = max(1, budget // items_per)
-        for kind in ("random", "grid"):
+        for kind in [m for m in ("random", "grid") if m in modes]:
             if kind == "grid" and rows["grid"]:
                 rows["grid"].append(rows["grid"][0])   # deterministic: the same for every seed
                 continue
@@ -181,7 +190,8 @@ def main(argv=None) -> int:
     load = os.getloadavg()
     lines = [f"| method | items scored (mean) | vs full | wall s (mean) | held-out best, per seed "
              f"| held-out mean ± sd |", "|---|---|---|---|---|---|"]
-    full_items = statistics.mean(r["items"] for r in rows["full"])
+    full_items = (statistics.mean(r["items"] for r in rows["full"]) if "full" in rows
+                  else args.max_fevals * items_per)
     for mode, rs in rows.items():
         h = [r["heldout"] for r in rs]
         sd = statistics.stdev(h) if len(h) > 1 else 0.0
@@ -191,8 +201,9 @@ def main(argv=None) -> int:
                      f"{', '.join(f'{x:.3f}' for x in h)} | {statistics.mean(h):.3f} ± {sd:.3f} |")
     table = "\n".join(lines)
     print(f"\n{table}\nload average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; seeds {args.seeds}, "
-          f"{args.max_fevals} candidates per search, popsize {args.popsize}")
-    (WORK / "results.json").write_text(json.dumps(
+          f"{args.max_fevals} candidates per search, popsize {args.popsize}; multi: popsize "
+          f"{args.multi_popsize or args.popsize}, {args.multi_fevals or args.max_fevals} candidates")
+    (WORK / f"results-{'-'.join(modes)}.json").write_text(json.dumps(
         {"rows": {m: [{k: v for k, v in r.items() if k != "config"} for r in rs]
                   for m, rs in rows.items()}, "load": load, "table": table}, indent=2))
     return 0

@@ -108,6 +108,33 @@ def test_the_run_deadline_abandons_a_hung_evaluation(
     print(f"\n[faults] --timeout 4 with a hung evaluation: driver done after {elapsed:.1f}s")
 
 
+def test_workers_the_cluster_cannot_place_now_fail_in_seconds_with_one_line(
+        ray_session, family, toy_task_dir, tmp_path, make_genome, capsys):
+    """Another job holds the cluster's CPUs: Ray would queue our workers until it ends."""
+    import ray
+
+    @ray.remote(num_cpus=2)
+    class OtherJob:
+        def ping(self):
+            return 1
+
+    other = OtherJob.remote()
+    ray.get(other.ping.remote())
+    try:
+        path = make_genome(tmp_path / "g.yaml", genome(family), limit=8)
+        t0 = time.monotonic()
+        code, out, err = run_cli([path, "--storage-path", tmp_path / "run", "--task-search-path",
+                                  toy_task_dir, "--workers", 1, "--no-wandb"], capsys)
+        elapsed = time.monotonic() - t0
+    finally:
+        ray.kill(other)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert "only 0 of the Ray cluster's 2 are free now (other jobs hold the rest)" in lines[0]
+    assert elapsed < 60 and not (tmp_path / "run" / "run.json").exists()
+    print(f"\n[faults] unplaceable workers -> one line after {elapsed:.1f}s")
+
+
 # --- the driver as a process: raylet killed, SIGINT ---------------------------------------------
 @pytest.fixture
 def short_tmp():
