@@ -6,7 +6,7 @@ A generation of N candidates:
           at least `min_items`; a new subset every generation, drawn from the seed and the
           generation: common random numbers, so differences between candidates are not which
           items they happened to get);
-  rung 1  the best `promote_fraction` of them (at least one) on the remaining items; their
+  rung 1  the best `promote_fraction` of them (1/16, at least one) on the remaining items; their
           score is the item-weighted mean of both rungs, i.e. exactly the full-fitness score.
 The optimizer is told ranks (`optimizer_values`): promoted candidates by their full score, above
 the others by their rung-0 score, above failures. CMA-ES only uses the order of the values it is
@@ -27,7 +27,7 @@ from merge.errors import EvomergeError
 
 LOW_FRACTION = 1 / 8      # of each task's items, at rung 0
 MIN_ITEMS = 8             # per task, at rung 0
-PROMOTE_FRACTION = 1 / 8  # of the generation, promoted to rung 1 (at least one)
+PROMOTE_FRACTION = 1 / 16  # of the generation, promoted to rung 1 (at least one)
 PAYS_BELOW = 0.5          # auto: on when the expected share of items scored is at most this
 
 

@@ -135,8 +135,12 @@ def test_make_plan_on_real_lm_eval_tasks(toy_task_dir, tmp_path):
     assert not make_plan("full", limit=None, popsize=8, **args).multi
 
 
-def test_multi_fidelity_on_the_real_stack_scores_the_promoted_exactly_as_full_fitness(
+def test_the_real_stack_multi_fidelity_and_pareto(
         ray_session, family, toy_task_dir, tmp_path, make_genome, capsys):
+    """One CLI run on Ray + lm-eval: `--fidelity multi` (40 items: rung 0 on 8, the promoted
+    candidate on the other 32, its score exactly the full-fitness score) with `--objective
+    pareto` and a task whose goal is `minimize` (so the fitness is −score and the front is the
+    lowest score)."""
     from evolve.cli import main
     from evolve.fitness import EvalSettings, Scorer
     from evolve import tasks as task_lib
@@ -146,27 +150,38 @@ def test_multi_fidelity_on_the_real_stack_scores_the_promoted_exactly_as_full_fi
 
     genome = {"models": [str(family["c0"]), str(family["c1"])], "merge_method": "task_arithmetic",
               "base_model": str(family["base"]), "layer_granularity": 0}
-    path = make_genome(tmp_path / "g.yaml", genome)           # all 40 items
+    path = make_genome(tmp_path / "g.yaml", genome,
+                       tasks=[{"name": "evo_toy", "metric": "acc,none", "goal": "minimize"}])
     storage = tmp_path / "run"
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in [path, "--storage-path", storage, "--task-search-path",
                                toy_task_dir, "--workers", 1, "--popsize", 4, "--max-fevals", 4,
-                               "--no-wandb", "--no-merge-best", "--fidelity", "multi"]])
+                               "--no-wandb", "--no-merge-best", "--fidelity", "multi",
+                               "--objective", "pareto"]])
     err = capsys.readouterr().err
     assert e.value.code == 0, err
     assert "multi-fidelity: each generation first on 8 items per task" in err
     records = [json.loads(line) for line in (storage / "history.jsonl").read_text().splitlines()]
     assert [r["rung"] for r in records] == [0, 0, 0, 0, 1]
+    assert all(r["fitness"] == -r["scores"]["evo_toy"] for r in records)     # minimized
     promoted = records[-1]
     assert promoted["items"]["count"] == 40 and records[0]["items"]["count"] == 8
+    assert promoted["index"] == max(records[:4], key=lambda r: (r["fitness"], -r["index"]))["index"]
     include = task_lib.mirror_search_paths([toy_task_dir], tmp_path / "tasks2")
     model = InMemoryMerger().build_model(MergeConfig.from_dict(promoted["config"]))
     settings = EvalSettings(task_names=["evo_toy"], metrics={"evo_toy": "acc,none"},
                             include_dir=str(include), seed=42)
     direct = Scorer(model, AutoTokenizer.from_pretrained(family["base"]), settings).score()
     assert promoted["scores"]["evo_toy"] == pytest.approx(direct["evo_toy"])
-    assert json.loads((storage / "run.json").read_text())["search"]["fidelity"] == "multi"
+    meta = json.loads((storage / "run.json").read_text())["search"]
+    assert meta["fidelity"] == "multi" and meta["objective"] == "pareto"
+    # the front: only full-fidelity scores count, here the one promoted candidate
+    summary = json.loads((storage / "pareto" / "front.json").read_text())
+    assert summary["goals"] == {"evo_toy": "minimize"}
+    assert [(m["generation"], m["index"]) for m in summary["front"]] == [(0, promoted["index"])]
+    assert (storage / "pareto" / "front-01.yaml").is_file()
+    assert "Pareto front" in (storage / "report.html").read_text()
     # a readable console: lm-eval's per-model warning is in the worker's log, not on the terminal
     worker_logs = list((storage / "logs").glob("worker-*.log"))
     assert worker_logs and "kwarg is not of type" in worker_logs[0].read_text()

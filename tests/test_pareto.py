@@ -77,30 +77,5 @@ def test_a_pareto_search_spreads_along_the_trade_off_and_writes_every_member(spa
     png = render_png(RunStore(tmp_path), space, search.history, search.stats, goals)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
-
-def test_the_cli_runs_a_pareto_search_with_a_minimized_task(
-        ray_session, family, toy_task_dir, tmp_path, make_genome, capsys):
-    from evolve.cli import main
-
-    genome = {"models": [str(family["c0"]), str(family["c1"])], "merge_method": "task_arithmetic",
-              "base_model": str(family["base"]), "layer_granularity": 0}
-    path = make_genome(tmp_path / "g.yaml", genome, limit=8)
-    data = yaml.safe_load(path.read_text())
-    data["tasks"][0]["goal"] = "minimize"      # an odd goal, but it must be honoured
-    path.write_text(yaml.safe_dump(data))
-    storage = tmp_path / "run"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in [path, "--storage-path", storage, "--task-search-path",
-                               toy_task_dir, "--workers", 1, "--popsize", 2, "--max-fevals", 4,
-                               "--no-wandb", "--no-merge-best", "--objective", "pareto"]])
-    err = capsys.readouterr().err
-    assert e.value.code == 0, err
-    records = [json.loads(line) for line in (storage / "history.jsonl").read_text().splitlines()]
-    assert all(r["fitness"] == -r["scores"]["evo_toy"] for r in records)   # minimized
-    summary = json.loads((storage / "pareto" / "front.json").read_text())
-    assert summary["goals"] == {"evo_toy": "minimize"}
-    lowest = min(r["scores"]["evo_toy"] for r in records)
-    assert [m["scores"]["evo_toy"] for m in summary["front"]] == [lowest]
-    assert "Pareto front" in (storage / "report.html").read_text()
-    assert json.loads((storage / "run.json").read_text())["search"]["objective"] == "pareto"
+# The CLI's --objective pareto and tasks[].goal run for real in
+# tests/test_multifidelity.py::test_the_real_stack_multi_fidelity_and_pareto (one shared run).
