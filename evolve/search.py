@@ -278,8 +278,16 @@ class Search:
         fits = [r["fitness"] for r in records if r.get("fitness") is not None]
         best = self.best()
         every = [r for r in self.history if r["generation"] == g]
-        out = {"generation": g, "best": max(fits), "mean": sum(fits) / len(fits),
-               "worst": min(fits), "failed": len(records) - len(fits),
+        top = max(fits)
+        if any(r.get("full") is False for r in records):
+            # multi-fidelity: the generation's best is its best full score, never a lucky
+            # subset score; mean and worst are over every candidate's rung-0 (subset) score
+            full = [r["fitness"] for r in records if r.get("full") and r.get("fitness") is not None]
+            top = max(full) if full else top
+            fits = [r["fitness"] for r in every
+                    if r.get("rung") == 0 and r.get("fitness") is not None]
+        out = {"generation": g, "best": top, "mean": sum(fits) / len(fits),
+               "worst": min(fits), "failed": sum(1 for r in records if r.get("fitness") is None),
                "best_so_far": best["fitness"] if best else None,
                "sigma": float(self.es.sigma), "fevals": self.fevals,
                "seconds": sum(r.get("seconds") or 0.0 for r in every)}
