@@ -158,7 +158,8 @@ def _not_additive(loaded: dict, task_names: list[str], metrics: dict[str, str]) 
 def make_plan(mode: str, loaded: dict, task_names: list[str], metrics: dict[str, str], limit,
               shuffle: bool, seed: int, popsize: int) -> FidelityPlan:
     """`--fidelity auto|multi|full`: auto turns multi-fidelity on where it pays (every task
-    mean-aggregated, a generation of at least 4, and at most half of the items scored)."""
+    mean-aggregated, a generation of at least 8 — 4 with `multi` —, and at most half of the
+    items scored)."""
     full = full_items(loaded, limit, shuffle, seed)
     full = {t: full[t] for t in task_names if t in full}
     plan = FidelityPlan(full=full, seed=seed, multi=mode != "full")
@@ -166,8 +167,8 @@ def make_plan(mode: str, loaded: dict, task_names: list[str], metrics: dict[str,
         return plan
     why = _not_additive(loaded, task_names, metrics) if len(full) == len(task_names) else (
         "a task is a group")
-    if why is None and popsize < 4:
-        why = f"a generation of {popsize} is too small to rank"
+    if why is None and popsize < (8 if mode == "auto" else 4):
+        why = f"a generation of {popsize} is too small to rank on a few items"
     share = plan.share(popsize) if why is None else 1.0
     if why is None and mode == "auto" and share > PAYS_BELOW:
         why = f"it would score {share:.0%} of the items (tasks too small: {plan.total()} items)"

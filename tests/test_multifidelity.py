@@ -129,6 +129,8 @@ def test_make_plan_on_real_lm_eval_tasks(toy_task_dir, tmp_path):
     off = make_plan("auto", limit=16, popsize=8, **args)        # 8 of 16 would not pay
     assert not off.multi and "full fitness" in off.notes[0]
     assert make_plan("multi", limit=16, popsize=8, **args).multi   # asked for: it is on
+    assert not make_plan("auto", limit=None, popsize=4, **args).multi   # too few to rank
+    assert make_plan("multi", limit=None, popsize=4, **args).multi
     shuffled = make_plan("auto", limit=32, popsize=8, **{**args, "shuffle": True})
     assert shuffled.full == task_lib.sample_indices(loaded, 32, 1)
     assert set(shuffled.low_items(3)["evo_toy"]) <= set(shuffled.full["evo_toy"])
