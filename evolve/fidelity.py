@@ -29,6 +29,8 @@ LOW_FRACTION = 1 / 8      # of each task's items, at rung 0
 MIN_ITEMS = 8             # per task, at rung 0
 PROMOTE_FRACTION = 1 / 16  # of the generation, promoted to rung 1 (at least one)
 PAYS_BELOW = 0.5          # auto: on when the expected share of items scored is at most this
+AUTO_MIN_LOW = 16         # auto: ... and rung 0 gets at least this many items per task (at 1/8:
+                          # tasks of 128+ items). With 8 of 60 the demo lost 3.6 held-out points.
 
 
 @dataclass
@@ -158,8 +160,8 @@ def _not_additive(loaded: dict, task_names: list[str], metrics: dict[str, str]) 
 def make_plan(mode: str, loaded: dict, task_names: list[str], metrics: dict[str, str], limit,
               shuffle: bool, seed: int, popsize: int) -> FidelityPlan:
     """`--fidelity auto|multi|full`: auto turns multi-fidelity on where it pays (every task
-    mean-aggregated, a generation of at least 8 — 4 with `multi` —, and at most half of the
-    items scored)."""
+    mean-aggregated, a generation of at least 8 — 4 with `multi` —, at most half of the items
+    scored, and at least AUTO_MIN_LOW items per task at rung 0)."""
     full = full_items(loaded, limit, shuffle, seed)
     full = {t: full[t] for t in task_names if t in full}
     plan = FidelityPlan(full=full, seed=seed, multi=mode != "full")
@@ -172,6 +174,12 @@ def make_plan(mode: str, loaded: dict, task_names: list[str], metrics: dict[str,
     share = plan.share(popsize) if why is None else 1.0
     if why is None and mode == "auto" and share > PAYS_BELOW:
         why = f"it would score {share:.0%} of the items (tasks too small: {plan.total()} items)"
+    small = [t for t, items in full.items() if math.ceil(plan.low_fraction * len(items))
+             < AUTO_MIN_LOW]
+    if why is None and mode == "auto" and small:
+        n = len(full[small[0]])
+        why = (f"'{small[0]}' has {n} items: 1/8 of them ranks candidates poorly; auto needs "
+               f"{math.ceil(AUTO_MIN_LOW / plan.low_fraction)} per task, --fidelity multi forces it")
     if why is not None:
         if mode == "multi":
             raise EvomergeError(f"--fidelity: multi-fidelity needs mean-aggregated tasks and "
