@@ -75,7 +75,8 @@ class Run:
 
             if not faults.is_disk_full(e):
                 raise
-            done = len(getattr(getattr(self, "search", None), "history", []) or [])
+            search = getattr(self, "search", None)
+            done = search.fevals if search is not None else 0
             needs = faults.storage_needs(self.store.root, max(0, self.opts.max_fevals - done),
                                          faults.model_bytes(self.config0))
             raise faults.disk_full_error(e, self.store.root, needs) from None
