@@ -29,7 +29,8 @@ class EvalLimits:
     """How long an evaluation may take before its worker is killed and replaced.
 
     Without `fixed` (`--eval-timeout`), the limit adapts: `factor` × the median of the evaluations
-    finished so far, never below `floor`. An actor's first evaluation also reads its inputs and
+    finished so far (per item, times the evaluation's items, when they are known), never below
+    `floor`. An actor's first evaluation also reads its inputs and
     warms up (minutes on 7B models), so it gets `first` (or the adaptive limit, if larger).
     A timed-out candidate is retried on a fresh worker `retries` times, then recorded as failed.
     """
@@ -41,16 +42,25 @@ class EvalLimits:
     start: float = 3600.0          # an actor's start-up (inputs read, model and tasks built)
     retries: int = 1
     recent: list = field(default_factory=list)   # seconds of finished evaluations
+    per_item: list = field(default_factory=list)  # ... per item, where the item count is known
 
-    def observe(self, seconds: Optional[float]) -> None:
+    def observe(self, seconds: Optional[float], items: Optional[int] = None) -> None:
         if seconds is not None and seconds > 0:
             self.recent.append(float(seconds))
             del self.recent[:-200]
+            if items:
+                self.per_item.append(float(seconds) / items)
+                del self.per_item[:-200]
 
-    def limit(self, first_on_actor: bool) -> float:
+    def limit(self, first_on_actor: bool, items: Optional[int] = None) -> float:
+        """`items`: how many items the evaluation scores, when known (multi-fidelity rungs
+        differ several-fold): the limit then scales with the median seconds per item."""
         if self.fixed is not None:
             return self.fixed
-        adaptive = self.factor * statistics.median(self.recent) if self.recent else 0.0
+        if items and self.per_item:
+            adaptive = self.factor * statistics.median(self.per_item) * items
+        else:
+            adaptive = self.factor * statistics.median(self.recent) if self.recent else 0.0
         if first_on_actor or not self.recent:
             return max(self.first, adaptive)
         return max(self.floor, adaptive)

@@ -467,7 +467,8 @@ class WorkerPool:
                 stopping = should_stop()
                 while idle and queue and not stopping:
                     actor, job = idle.pop(), queue.popleft()
-                    limit = self.limits.limit(first_on_actor=_key(actor) not in self._warm)
+                    limit = self.limits.limit(first_on_actor=_key(actor) not in self._warm,
+                                              items=_items(job[2]))
                     pending[actor.evaluate.remote(job[1], job[2])] = (
                         "eval", actor, job, time.monotonic(), limit)
                 in_flight = [r for r, p in pending.items() if p[0] == "eval"]
@@ -527,7 +528,7 @@ class WorkerPool:
                 idle.append(actor)
                 self._warm.add(_key(actor))
                 if not result.get("error"):
-                    self.limits.observe(result.get("seconds"))
+                    self.limits.observe(result.get("seconds"), _items(job[2]))
                 result["attempt"] = job[3]
                 yield job[0], result
         finally:
@@ -568,6 +569,10 @@ class WorkerPool:
             except Exception:
                 pass
         self.actors, self._starting = [], {}
+
+
+def _items(samples: Optional[dict]) -> Optional[int]:
+    return sum(len(v) for v in samples.values()) if samples else None
 
 
 def _key(actor) -> str:

@@ -50,6 +50,11 @@ def test_the_adaptive_limit_follows_the_median_with_a_floor_and_a_generous_first
     assert limits.limit(first_on_actor=False) == 5 * 45.0
     assert limits.limit(first_on_actor=True) == 600
     assert EvalLimits(fixed=7).limit(first_on_actor=True) == 7
+    rungs = EvalLimits(floor=1, factor=5)       # multi-fidelity: 24-item and 156-item evaluations
+    for _ in range(7):
+        rungs.observe(12.0, items=24)
+    assert rungs.limit(first_on_actor=False, items=156) == pytest.approx(5 * 0.5 * 156)
+    assert rungs.limit(first_on_actor=False, items=24) == pytest.approx(60)
     assert deadline_grace(45) == 10 and deadline_grace(300) == 30 and deadline_grace(7200) == 60
 
 
