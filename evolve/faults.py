@@ -102,9 +102,11 @@ class ClusterHealth:
         except Exception:   # another Ray version: the pool's own time limits still apply
             pass
 
-    def check(self) -> None:
+    def check(self, now_please: bool = False) -> None:
+        """Raise EvomergeError when the raylet or the head is gone. At most every `period`
+        seconds unless `now_please` (e.g. a worker just died: was it the node?)."""
         now = time.monotonic()
-        if now - self._last < self.period:
+        if now - self._last < self.period and not now_please:
             return
         self._last = now
         if self._raylet is not None and self._raylet.poll() is not None:

@@ -514,6 +514,7 @@ class WorkerPool:
                 try:
                     result = ray.get(ref)
                 except (RayActorError, WorkerCrashedError) as e:
+                    self.health.check(now_please=True)   # the worker, or its whole node?
                     key, cfg, samples, attempt, timeouts = job
                     self.deaths += 1
                     self.log(f"a worker died while evaluating candidate {key} "
