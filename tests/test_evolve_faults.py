@@ -182,7 +182,7 @@ def test_a_killed_raylet_ends_the_driver_in_one_line_and_the_run_resumes(
     import psutil
 
     proc, storage = _driver(family, toy_task_dir, tmp_path, make_genome, short_tmp, {},
-                            "--workers", 1, "--popsize", 2, "--max-fevals", 200)
+                            "--workers", 1, "--popsize", 2, "--max-fevals", 100000)
     try:
         hist = storage / "history.jsonl"
         _wait_for(lambda: hist.exists() and len(hist.read_text().splitlines()) >= 2, proc, 240)
