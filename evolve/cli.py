@@ -102,7 +102,22 @@ def _parse_batch_size(ctx, param, value):
               help="With --resume: keep every readable record of a damaged history.jsonl, move "
                    "the bad lines to history.jsonl.damaged, and continue.")
 @click.option("--timeout", callback=_parse_duration, default=None,
-              help="Stop starting evaluations after this long (seconds, or 30m, 2h); resumable.")
+              help="Stop after this long (seconds, or 30m, 2h): no new evaluation starts, those "
+                   "in flight get a short grace (10-60s) and are then abandoned; resumable.")
+@click.option("--eval-timeout", callback=_parse_duration, default=None,
+              help="Time limit of one evaluation; past it the worker is killed and replaced and "
+                   "the candidate retried once, then recorded as failed [default: adaptive, 5x "
+                   "the median evaluation, at least 2m; 30m for a worker's first].")
+@click.option("--fidelity", type=click.Choice(["auto", "multi", "full"]), default="auto",
+              show_default=True,
+              help="multi: score each generation on a small item subset first and only the most "
+                   "promising candidates on every item; full: every candidate on every item; "
+                   "auto: multi where it pays (see docs/evolve.md).")
+@click.option("--objective", type=click.Choice(["weighted", "pareto"]), default="weighted",
+              show_default=True,
+              help="pareto: every task is an objective (tasks[].goal: maximize|minimize); the "
+                   "search keeps a Pareto front, a config per member in STORAGE/pareto/, "
+                   "best_config.yaml the front member with the best weighted fitness.")
 @click.option("--dry-run", is_flag=True,
               help="Check the genome, print its dimensions and the starting config, and exit.")
 @click.option("--merge-best/--no-merge-best", "--save-final-model/--no-save-final-model",

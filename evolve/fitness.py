@@ -69,13 +69,16 @@ class TaskScorer:
         self.samples = (task_lib.sample_indices(self.task_dict, settings.limit, settings.seed)
                         if settings.shuffle else None)
 
-    def score(self) -> dict[str, float]:
+    def score(self, samples: Optional[dict] = None) -> dict[str, float]:
+        """The configured metric per task; on `samples` ({task: [item index, ...]}, e.g. a
+        multi-fidelity subset, see evolve.fidelity) when given, else on the settings' items."""
         import lm_eval.evaluator
 
         s = self.settings
+        samples = samples if samples is not None else self.samples
         results = lm_eval.evaluator.evaluate(
             lm=self.lm, task_dict=self.task_dict,
-            limit=None if self.samples is not None else s.limit, samples=self.samples,
+            limit=None if samples is not None else s.limit, samples=samples,
             bootstrap_iters=0,            # stderr bootstraps cost seconds and are not used
             log_samples=False, verbosity="ERROR",
             apply_chat_template=s.apply_chat_template,

@@ -43,6 +43,37 @@ def write_best_config(store: RunStore, record: dict, merge_seed: Optional[int]) 
     write_atomic(store.best_config, (header + dump_config(record["config"])).encode())
 
 
+def write_front(store: RunStore, history: list[dict], goals: dict[str, str],
+                merge_seed: Optional[int]) -> list[dict]:
+    """STORAGE/pareto/: `front.json` (every member's scores, fitness and place in the history) and
+    one merge config per member, `front-NN.yaml` (NN = position, best weighted fitness first);
+    files of members that left the front are removed."""
+    from evolve.pareto import front as pareto_front
+
+    members = pareto_front(history, goals)
+    folder = store.root / "pareto"
+    folder.mkdir(parents=True, exist_ok=True)
+    seed = f" --random-seed {merge_seed}" if merge_seed is not None else ""
+    names = []
+    for n, r in enumerate(members, 1):
+        name = f"front-{n:02d}.yaml"
+        names.append(name)
+        scores = ", ".join(f"{t} {r['scores'][t]:.4g} ({goals[t]})" for t in goals)
+        header = (f"# Pareto front member {n} of {len(members)} found by mergekit-evolve: {scores}; "
+                  f"weighted fitness {r['fitness']:.6g}\n"
+                  f"# generation {r['generation']}, candidate {r['index']}\n"
+                  f"# reproduce: mergekit-yaml {name} OUT_DIR{seed}\n")
+        write_atomic(folder / name, (header + dump_config(r["config"])).encode())
+    for old in folder.glob("front-*.yaml"):
+        if old.name not in names:
+            old.unlink()
+    summary = [{"file": name, "generation": r["generation"], "index": r["index"],
+                "scores": r["scores"], "fitness": r["fitness"]} for name, r in zip(names, members)]
+    write_atomic(folder / "front.json", (json.dumps({"goals": goals, "front": summary},
+                                                     indent=2) + "\n").encode())
+    return members
+
+
 def merge_best(store: RunStore, record: dict, device: str, merge_seed: Optional[int],
                trust_remote_code: bool = False) -> Path:
     """The best candidate as a model folder, merged exactly as it was evaluated."""
@@ -60,7 +91,7 @@ def merge_best(store: RunStore, record: dict, device: str, merge_seed: Optional[
 
 # --- figures ------------------------------------------------------------------------------------
 def render_png(store: RunStore, space: GenomeSpace, history: list[dict],
-               stats: list[dict]) -> bytes:
+               stats: list[dict], goals: Optional[dict] = None) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,17 +101,24 @@ def render_png(store: RunStore, space: GenomeSpace, history: list[dict],
     best = _best(history)
     grids = space.grids(best["genome"]) if best else []
     n_maps = len(grids)
-    cols = max(2, min(4, n_maps))
-    rows = 1 + (-(-n_maps // cols) if n_maps else 0)
+    pairs = _objective_pairs(goals)
+    cols = max(2, min(4, n_maps), min(4, len(pairs)))
+    rows = 1 + (-(-n_maps // cols) if n_maps else 0) + (-(-len(pairs) // cols) if pairs else 0)
     fig = plt.figure(figsize=(4.2 * cols, 3.6 * rows), constrained_layout=True)
     gs = fig.add_gridspec(rows, cols)
 
     top = gs[0, :].subgridspec(1, 2)   # fitness and sigma share the first row evenly
     ax = fig.add_subplot(top[0, 0])
     ok = [r for r in history if r.get("fitness") is not None]
-    if ok:
-        ax.scatter([r["generation"] for r in ok], [r["fitness"] for r in ok], s=10, alpha=0.35,
-                   color="gray", label="candidates")
+    full_ok = [r for r in ok if r.get("full", True)]
+    low_ok = [r for r in ok if not r.get("full", True)]
+    if full_ok:
+        ax.scatter([r["generation"] for r in full_ok], [r["fitness"] for r in full_ok], s=10,
+                   alpha=0.35, color="gray", label="candidates")
+    if low_ok:   # multi-fidelity rung 0: a score on a few items (evolve.fidelity)
+        ax.scatter([r["generation"] for r in low_ok], [r["fitness"] for r in low_ok], s=12,
+                   alpha=0.5, facecolors="none", edgecolors="tab:blue",
+                   label="on an item subset (rung 0)")
     failed = [r for r in history if r.get("fitness") is None]
     if failed and ok:
         lo = min(r["fitness"] for r in ok)
@@ -95,7 +133,8 @@ def render_png(store: RunStore, space: GenomeSpace, history: list[dict],
     ax.set_xlabel("generation")
     ax.set_ylabel("fitness")
     ax.set_title("fitness")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
     ax = fig.add_subplot(top[0, 1])
     if stats:
@@ -107,8 +146,30 @@ def render_png(store: RunStore, space: GenomeSpace, history: list[dict],
     ax.set_xlabel("generation")
     ax.set_title("CMA-ES step size σ")
 
+    if pairs:
+        from evolve.pareto import front as pareto_front
+
+        members = pareto_front(history, goals)
+        full = [r for r in ok if r.get("full", True)]
+        chosen = _best(history)
+        for k, (a, b) in enumerate(pairs):
+            ax = fig.add_subplot(gs[1 + k // cols, k % cols])
+            ax.scatter([r["scores"][a] for r in full], [r["scores"][b] for r in full], s=10,
+                       alpha=0.35, color="gray", label="candidates")
+            pts = sorted((r["scores"][a], r["scores"][b]) for r in members)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="tab:orange", ms=5,
+                    label=f"Pareto front ({len(members)})")
+            if chosen:
+                ax.plot([chosen["scores"][a]], [chosen["scores"][b]], "*", color="tab:red",
+                        ms=12, label="best_config (weighted)")
+            ax.set_xlabel(f"{a} ({_arrow(goals[a])})", fontsize=8)
+            ax.set_ylabel(f"{b} ({_arrow(goals[b])})", fontsize=8)
+            ax.set_title("objectives" + (" (front over all tasks)" if len(goals) > 2 else ""),
+                         fontsize=9)
+            ax.legend(fontsize=6)
+    first_map_row = 1 + (-(-len(pairs) // cols) if pairs else 0)
     for k, (title, row_labels, col_labels, values) in enumerate(grids):
-        ax = fig.add_subplot(gs[1 + k // cols, k % cols])
+        ax = fig.add_subplot(gs[first_map_row + k // cols, k % cols])
         p = next(p for p in space.params if title.split(" ")[0] == p.name)
         im = ax.imshow(values, aspect="auto", cmap="viridis", vmin=p.low, vmax=p.high)
         ax.set_xticks(range(len(col_labels)), col_labels, rotation=30, ha="right", fontsize=7)
@@ -127,10 +188,11 @@ def render_png(store: RunStore, space: GenomeSpace, history: list[dict],
 
 
 def render_html(store: RunStore, space: GenomeSpace, history: list[dict], stats: list[dict],
-                png: bytes, meta: dict, outcome: Optional[str]) -> str:
+                png: bytes, meta: dict, outcome: Optional[str],
+                goals: Optional[dict] = None) -> str:
     best = _best(history)
     esc = html.escape
-    ok = [r for r in history if r.get("fitness") is not None]
+    ok = [r for r in history if r.get("fitness") is not None and r.get("full", True)]
     top = sorted(ok, key=lambda r: -r["fitness"])[:10]
     tasks = list((best or {}).get("scores") or {})
     rows = "".join(
@@ -165,6 +227,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}pre{{background:#
 <h2>Progress and best genome</h2>
 <img src="data:image/png;base64,{base64.b64encode(png).decode()}" style="max-width:100%">
 <h2>Best merge config</h2><pre>{config}</pre>
+{_front_html(history, goals)}
 <h2>Top candidates</h2>
 <table><tr><th>gen</th><th>#</th><th>fitness</th>{''.join(f'<th>{esc(t)}</th>' for t in tasks)}
 <th>seconds</th><th>worker</th></tr>{rows}</table>
@@ -181,14 +244,42 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}pre{{background:#
 
 
 def write_report(store: RunStore, space: GenomeSpace, history: list[dict], stats: list[dict],
-                 outcome: Optional[str] = None) -> None:
+                 outcome: Optional[str] = None, goals: Optional[dict] = None) -> None:
     meta = json.loads(store.run_json.read_text()) if store.run_json.is_file() else {}
-    png = render_png(store, space, history, stats)
+    png = render_png(store, space, history, stats, goals)
     write_atomic(store.report_png, png)
     write_atomic(store.report_html, render_html(store, space, history, stats, png, meta,
-                                                outcome).encode())
+                                                outcome, goals).encode())
+
+
+def _objective_pairs(goals: Optional[dict]) -> list[tuple[str, str]]:
+    names = list(goals or {})
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]][:8]
+
+
+def _arrow(goal: str) -> str:
+    return "higher is better" if goal == "maximize" else "lower is better"
+
+
+def _front_html(history: list[dict], goals: Optional[dict]) -> str:
+    if not goals:
+        return ""
+    from evolve.pareto import front as pareto_front
+
+    esc = html.escape
+    members = pareto_front(history, goals)
+    rows = "".join(
+        f"<tr><td>pareto/front-{n:02d}.yaml</td><td>{r['generation']}</td><td>{r['index']}</td>"
+        + "".join(f"<td>{r['scores'][t]:.4f}</td>" for t in goals)
+        + f"<td>{r['fitness']:.4f}</td></tr>" for n, r in enumerate(members, 1))
+    head = "".join(f"<th>{esc(t)} ({'max' if g == 'maximize' else 'min'})</th>"
+                   for t, g in goals.items())
+    return (f"<h2>Pareto front ({len(members)} candidates)</h2><p>No member is better on every "
+            f"task than another; <code>best_config.yaml</code> is the first (best weighted "
+            f"fitness).</p><table><tr><th>config</th><th>gen</th><th>#</th>{head}"
+            f"<th>weighted fitness</th></tr>{rows}</table>")
 
 
 def _best(history: list[dict]) -> Optional[dict]:
-    ok = [r for r in history if r.get("fitness") is not None]
+    ok = [r for r in history if r.get("fitness") is not None and r.get("full", True)]
     return max(ok, key=lambda r: r["fitness"]) if ok else None

@@ -52,6 +52,9 @@ class Options:
     layer_granularity: Optional[int] = None    # overrides `genome.layer_granularity`
     cache_magnitudes: bool = False
     repair_history: bool = False               # --resume past damaged history lines
+    eval_timeout: Optional[float] = None       # per evaluation; None: adaptive (evolve.faults)
+    fidelity: str = "auto"                     # auto | multi | full (evolve.fidelity)
+    objective: str = "weighted"                # weighted | pareto (evolve.pareto)
 
 
 class Stopped(KeyboardInterrupt):
@@ -248,6 +251,20 @@ class Run:
         self.log(message, always=True)
 
     def execute(self) -> int:
+        try:
+            return self._execute()
+        except OSError as e:     # a full disk under the storage folder: one line, resumable
+            from evolve import faults
+
+            if not faults.is_disk_full(e) or getattr(self, "store", None) is None:
+                raise
+            search = getattr(self, "search", None)
+            done = search.fevals if search is not None else 0
+            needs = faults.storage_needs(self.store.root, max(0, self.opts.max_fevals - done),
+                                         faults.model_bytes(self.config0))
+            raise faults.disk_full_error(e, self.store.root, needs) from None
+
+    def _execute(self) -> int:
         from evolve.storage import RunStore
 
         opts = self.opts
@@ -275,6 +292,9 @@ class Run:
                 if store.restarted:
                     self.log(f"note: the run in {store.root} never began (no checkpoint); "
                              f"starting it afresh")
+                from evolve.console import route_third_party
+
+                route_third_party(store.root / "logs" / "driver.log")
                 self.meta = self._meta(identity, resuming)
                 self._check_record(resuming)
                 if opts.ray_address:   # cheap and common: check it before the slower task loading
@@ -342,7 +362,7 @@ class Run:
         tm = task_lib.task_manager(include, names)
         task_lib.check_task_names(tm, names)
         # Loading here also prepares the datasets once, so the workers find them cached.
-        loaded = task_lib.load_tasks(tm, names, cfg.num_fewshot, self.seed)
+        loaded = self.loaded = task_lib.load_tasks(tm, names, cfg.num_fewshot, self.seed)
         task_lib.check_metrics(loaded, cfg.tasks)
         batch = opts.batch_size if opts.batch_size.startswith("auto") else int(opts.batch_size)
         return EvalSettings(task_names=names, metrics={t.name: t.metric for t in cfg.tasks},
@@ -401,6 +421,7 @@ class Run:
     def _search(self, resuming: bool) -> int:
         from evolve.fitness import weighted_fitness
         from evolve.search import Search
+        from evolve.faults import EvalLimits
         from evolve.workers import DIE_ONCE_ENV, RaySession, WorkerPool, WorkerSpec
 
         opts, store, meta = self.opts, self.store, self.meta
@@ -421,28 +442,32 @@ class Run:
         try:
             session.check_resources(opts.workers, opts.cpus_per_worker, self.gpus)
             ray_seconds = time.perf_counter() - t0
+            plan = self._fidelity(resuming)
             store.write_run(meta)
-            weights = {t.name: t.weight for t in self.cfg.tasks}
-            search = Search(self.space, store, _search_options(meta, opts, self.cfg),
-                            fitness=lambda scores: weighted_fitness(scores, weights),
-                            log=self.log)
+            # `goal: minimize` tasks count against the fitness (users need not flip signs)
+            weights = {t.name: -t.weight if t.goal == "minimize" else t.weight
+                       for t in self.cfg.tasks}
+            search = self.search = Search(
+                self.space, store, _search_options(meta, opts, self.cfg, plan, self.goals()),
+                fitness=lambda scores: weighted_fitness(scores, weights), log=self.log)
             threads = (max(1, cpus // opts.workers) if not opts.ray_address
                        else max(1, int(opts.cpus_per_worker)))
             spec = WorkerSpec(initial_config=self.config0, eval=self.settings, device=self.device,
                               merge_seed=self.seed, trust_remote_code=opts.trust_remote_code,
                               threads=threads, die_marker=os.environ.get(DIE_ONCE_ENV),
                               backend=opts.backend, cache_magnitudes=opts.cache_magnitudes,
+                              log_dir=str(store.root / "logs"),
                               vllm=self.cfg.vllm.model_dump() if self.cfg.vllm else None,
                               dataflow_depth=getattr(self.space, "max_layers", None))
             self.log(f"{'resuming' if resuming else 'starting'}: {self.space.dim} genes, popsize "
-                     f"{meta['search']['popsize']}, {len(search.history)}/{opts.max_fevals} "
+                     f"{meta['search']['popsize']}, {search.fevals}/{opts.max_fevals} "
                      f"evaluations done; Ray ready in {ray_seconds:.1f}s, starting "
                      f"{opts.workers} worker(s)")
-            for note in self.space.notes:
+            for note in self.space.notes + plan.notes:
                 self.log(f"note: {note}")
             t1 = time.perf_counter()
             pool = WorkerPool(spec, opts.workers, cpus=opts.cpus_per_worker, gpus=self.gpus,
-                              log=self.log)
+                              log=self.log, limits=EvalLimits(fixed=opts.eval_timeout))
             self.log(f"workers ready in {time.perf_counter() - t1:.1f}s (model + tasks built in "
                      f"{max(pool.worker_startup):.1f}s per worker); "
                      f"{_describe_placement(pool.placements)}")
@@ -461,7 +486,7 @@ class Run:
             if search is None or not store.begun():
                 raise
             self._finish_outputs(search, "interrupted", merge=False)
-            self.warn(f"stopped by {name} after {len(search.history)}/{opts.max_fevals} "
+            self.warn(f"stopped by {name} after {search.fevals}/{opts.max_fevals} "
                      f"evaluations; continue with: mergekit-evolve {opts.genome} --storage-path "
                      f"{store.root} --resume")
             return code
@@ -472,16 +497,39 @@ class Run:
             session.shutdown()
         return self._finalize(search, outcome, tracker)
 
+    def goals(self) -> Optional[dict]:
+        """Per-task objective directions when the run searches a Pareto front, else None."""
+        if self.meta["search"].get("objective", "weighted") != "pareto":
+            return None
+        return {t.name: t.goal or "maximize" for t in self.cfg.tasks}
+
+    def _fidelity(self, resuming: bool):
+        """The run's multi-fidelity plan (evolve.fidelity); a resumed run keeps its mode."""
+        from evolve.fidelity import make_plan
+
+        search, s = self.meta["search"], self.settings
+        mode = search.get("fidelity", "full") if resuming else self.opts.fidelity
+        if resuming and self.opts.fidelity not in ("auto", mode):
+            self.log(f"note: --fidelity {self.opts.fidelity} ignored; the resumed run uses {mode}")
+        plan = make_plan(mode, self.loaded, s.task_names, s.metrics, s.limit, s.shuffle,
+                         s.seed, search["popsize"])
+        search["fidelity"] = "multi" if plan.multi else "full"
+        if not resuming:
+            search["objective"] = self.opts.objective
+        return plan
+
     def _evaluator(self, pool):
         """pool.run, watching the inputs: once a model folder changes no new candidate starts,
         and the run stops (resumable) naming the genome field."""
+        from evolve.faults import deadline_grace
+
         def evaluate(jobs, should_stop):
             def stop() -> bool:
                 if self.inputs is not None and self.input_problem is None:
                     self.input_problem = self.inputs.changed()
                 return self.input_problem is not None or should_stop()
 
-            yield from pool.run(jobs, stop)
+            yield from pool.run(jobs, stop, grace=deadline_grace(self.opts.timeout))
         self.input_problem: Optional[str] = None
         return evaluate
 
@@ -489,7 +537,7 @@ class Run:
         from tqdm import tqdm
 
         opts = self.opts
-        self.bar = tqdm(total=opts.max_fevals, initial=len(search.history), unit="eval",
+        self.bar = tqdm(total=opts.max_fevals, initial=search.fevals, unit="eval",
                         desc="evolve", disable=opts.quiet, dynamic_ncols=True, file=sys.stderr)
         best = self.best(search)
         if best:
@@ -497,10 +545,13 @@ class Run:
         state = {"best": best["fitness"] if best else None, "last_report": 0.0}
 
         def on_record(record):
-            self.bar.update(1)
+            if record.get("rung", 0) == 0:
+                self.bar.update(1)
             if record.get("error"):
                 self.log(f"candidate {record['generation']}.{record['index']} failed: "
                          f"{record['error']}")
+                return
+            if record.get("full") is False:    # a rung-0 subset score (evolve.fidelity)
                 return
             if state["best"] is None or record["fitness"] > state["best"]:
                 state["best"] = record["fitness"]
@@ -540,8 +591,13 @@ class Run:
         from evolve.report import write_report
 
         try:
-            write_report(self.store, self.space, search.history, search.stats, outcome)
-        except Exception as e:  # a plotting problem must not end a search
+            write_report(self.store, self.space, search.history, search.stats, outcome,
+                         goals=self.goals())
+        except Exception as e:  # a plotting problem must not end a search (a full disk does)
+            from evolve.faults import is_disk_full
+
+            if is_disk_full(e):
+                raise
             self.log(f"warning: could not draw the report: {type(e).__name__}: {e}")
 
     def _finish_outputs(self, search, outcome: str, merge: bool) -> None:
@@ -553,6 +609,12 @@ class Run:
         if best is not None and best is not self.known_best:
             self.store.write_best(best)
             write_best_config(self.store, best, self.seed)
+        if self.goals():
+            from evolve.report import write_front
+
+            front = write_front(self.store, search.history, self.goals(), self.seed)
+            self.log(f"Pareto front: {len(front)} candidate(s), a config each in "
+                     f"{self.store.root / 'pareto'}")
         self._write_report(search, outcome)
         if best is not None and merge:
             device = self.device
@@ -582,7 +644,8 @@ class Run:
                    f"best fitness {best['fitness']:.6g} ({scores}) at generation "
                    f"{best['generation']}, candidate {best['index']}\n"
                    f"  config: {store.best_config}\n  report: {store.report_html}"
-                   + (f"\n  model:  {store.best_model}" if self.opts.merge_best else ""))
+                   + (f"\n  model:  {store.best_model}" if self.opts.merge_best else "")
+                   + f"\n  logs:   {store.root / 'logs'} (third-party messages)")
         return 0
 
 
@@ -674,12 +737,13 @@ def _describe_placement(placements: list[dict]) -> str:
     return f"placed on {len(nodes)} node(s): " + ", ".join(parts)
 
 
-def _search_options(meta: dict, opts: Options, cfg):
+def _search_options(meta: dict, opts: Options, cfg, plan=None, goals=None):
     from evolve.search import SearchOptions
 
     s = meta["search"]
     return SearchOptions(max_fevals=opts.max_fevals, popsize=s["popsize"], sigma0=s["sigma0"],
-                         seed=s["seed"], timeout=opts.timeout, random_init=cfg.random_init)
+                         seed=s["seed"], timeout=opts.timeout, random_init=cfg.random_init,
+                         fidelity=plan, goals=goals)
 
 
 def _wandb_config(meta: dict, opts: Options) -> dict:

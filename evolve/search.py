@@ -32,6 +32,8 @@ class SearchOptions:
     seed: int = 42
     timeout: Optional[float] = None   # seconds of wall time for this invocation
     random_init: bool = False
+    fidelity: Optional[Any] = None    # evolve.fidelity.FidelityPlan; None: the workers' items
+    goals: Optional[dict] = None      # task -> maximize|minimize: Pareto ranks (evolve.pareto)
 
 
 @dataclass
@@ -137,8 +139,14 @@ class Search:
     def stats(self) -> list[dict]:
         return self.state["stats"]
 
+    @property
+    def fevals(self) -> int:
+        """Candidates evaluated (a multi-fidelity candidate scored further counts once)."""
+        return sum(1 for r in self.history if r.get("rung", 0) == 0)
+
     def best(self) -> Optional[dict]:
-        done = [r for r in self.history if r.get("fitness") is not None]
+        """The best full-fidelity result (a score on a rung-0 subset is not comparable)."""
+        done = [r for r in self.history if r.get("fitness") is not None and r.get("full", True)]
         return max(done, key=lambda r: r["fitness"]) if done else None
 
     # --- the loop -------------------------------------------------------------------------------
@@ -149,7 +157,7 @@ class Search:
         timed_out = lambda: deadline is not None and time.monotonic() >= deadline  # noqa: E731
         reason = "max-fevals"
         while True:
-            if len(self.history) >= opts.max_fevals:
+            if self.fevals >= opts.max_fevals:
                 reason = "max-fevals"
                 break
             if timed_out():
@@ -165,29 +173,51 @@ class Search:
                 self.state["asked"] = [list(map(float, x)) for x in self._asked_arrays]
                 self.store.save_checkpoint(self.state)
             g, asked = self.generation, self.state["asked"]
-            done = {r["index"]: r for r in self.history if r["generation"] == g}
-            budget = opts.max_fevals - len(self.history)
-            todo = [i for i in range(len(asked)) if i not in done][:budget]
-            configs = {i: self.space.decode(asked[i]) for i in todo}
-            for i, result in evaluate([(i, configs[i]) for i in todo], timed_out):
-                record = self._record(g, i, asked[i], configs[i], result)
-                self.store.append(record)
-                self.history.append(record)
-                done[i] = record
-                on_record(record)
-            if len(done) < len(asked):
+            plan = opts.fidelity if opts.fidelity is not None and opts.fidelity.multi else None
+            rung0 = {r["index"]: r for r in self.history
+                     if r["generation"] == g and r.get("rung", 0) == 0}
+            budget = opts.max_fevals - self.fevals
+            todo = [i for i in range(len(asked)) if i not in rung0][:budget]
+            configs = {i: self.space.decode(asked[i]) for i in range(len(asked))}
+            low = plan.low_items(g) if plan else None
+            self._evaluate(evaluate, timed_out, g, asked, configs, todo, low, 0, rung0, on_record)
+            if len(rung0) < len(asked):
                 reason = "timeout" if timed_out() else "max-fevals"
                 break
-            records = [done[i] for i in range(len(asked))]
+            records = [rung0[i] for i in range(len(asked))]
             if all(r.get("fitness") is None for r in records):
                 raise EvomergeError(f"every candidate of generation {g} failed, e.g. "
                                     f"{records[0].get('error')}; see {self.store.history}, fix "
                                     f"the cause and start a new run (--resume would reuse these "
                                     f"results)")
-            # Penalties are relative to everything seen so far, so a failure always ranks last.
-            penalties = objective_values(self.history)
-            by_key = {(r["generation"], r["index"]): v for r, v in zip(self.history, penalties)}
-            self.es.tell(self._asked_arrays, [by_key[(g, i)] for i in range(len(asked))])
+            if plan:
+                rung1 = {r["index"]: r for r in self.history
+                         if r["generation"] == g and r.get("rung") == 1}
+                promoted = plan.promoted({i: r.get("fitness") for i, r in rung0.items()},
+                                         len(asked))
+                rest = plan.rest_items(low)
+                self._evaluate(evaluate, timed_out, g, asked, configs,
+                               [i for i in promoted if i not in rung1], rest, 1, rung1, on_record,
+                               combine=lambda i, scores: plan.combine(
+                                   rung0[i]["scores"], scores, low, rest))
+                if len(rung1) < len(promoted):
+                    reason = "timeout" if timed_out() else "max-fevals"
+                    break
+                records = [rung1.get(i, rung0[i]) for i in range(len(asked))]
+            if plan or opts.goals:
+                from evolve import fidelity, pareto
+
+                entries = [{"fitness": r.get("fitness"), "full": r.get("full", True),
+                            "scores": r.get("scores")} for r in records]
+                values = (pareto.optimizer_values(entries, opts.goals) if opts.goals
+                          else fidelity.optimizer_values(entries))
+                self.es.tell(self._asked_arrays, values)
+            else:
+                # Penalties are relative to everything seen so far: a failure always ranks last.
+                penalties = objective_values(self.history)
+                by_key = {(r["generation"], r["index"]): v
+                          for r, v in zip(self.history, penalties)}
+                self.es.tell(self._asked_arrays, [by_key[(g, i)] for i in range(len(asked))])
             stats = self._stats(g, records)
             self.stats.append(stats)
             self.state["generation"] = g + 1
@@ -196,7 +226,27 @@ class Search:
             self.state["es_blob"] = self._snapshot()
             self.store.save_checkpoint(self.state)
             on_generation(stats)
-        return Outcome(reason, len(self.history), self.generation, self.best())
+        return Outcome(reason, self.fevals, self.generation, self.best())
+
+    def _evaluate(self, evaluate, timed_out, g, asked, configs, todo, samples, rung, done,
+                  on_record, combine=None) -> None:
+        """Evaluate candidates `todo` of generation `g` on `samples` (None: the workers' own
+        items); record each result as it arrives (into `done` too)."""
+        plan = self.options.fidelity
+        jobs = [(i, configs[i]) if samples is None else (i, configs[i], samples) for i in todo]
+        for i, result in evaluate(jobs, timed_out):
+            if combine is not None and result.get("scores") is not None and not result.get(
+                    "error"):
+                result = {**result, "scores": combine(i, result["scores"])}
+            record = self._record(g, i, asked[i], configs[i], result)
+            if plan is not None:
+                record["rung"] = rung
+                record["items"] = plan.describe_items(g, rung)
+                record["full"] = not plan.multi or rung == 1
+            self.store.append(record)
+            self.history.append(record)
+            done[i] = record
+            on_record(record)
 
     def _record(self, g: int, i: int, genome: list[float], config: dict, result: dict) -> dict:
         scores = result.get("scores")
@@ -223,13 +273,27 @@ class Search:
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def _stats(self, g: int, records: list[dict]) -> dict:
+        """`records`: each candidate's final record (with multi-fidelity, a promoted candidate's
+        full score and the others' rung-0 scores)."""
         fits = [r["fitness"] for r in records if r.get("fitness") is not None]
         best = self.best()
-        return {"generation": g, "best": max(fits), "mean": sum(fits) / len(fits),
-                "worst": min(fits), "failed": len(records) - len(fits),
-                "best_so_far": best["fitness"] if best else None,
-                "sigma": float(self.es.sigma), "fevals": len(self.history),
-                "seconds": sum(r.get("seconds") or 0.0 for r in records)}
+        every = [r for r in self.history if r["generation"] == g]
+        top = max(fits)
+        if any(r.get("full") is False for r in records):
+            # multi-fidelity: the generation's best is its best full score, never a lucky
+            # subset score; mean and worst are over every candidate's rung-0 (subset) score
+            full = [r["fitness"] for r in records if r.get("full") and r.get("fitness") is not None]
+            top = max(full) if full else top
+            fits = [r["fitness"] for r in every
+                    if r.get("rung") == 0 and r.get("fitness") is not None]
+        out = {"generation": g, "best": top, "mean": sum(fits) / len(fits),
+               "worst": min(fits), "failed": sum(1 for r in records if r.get("fitness") is None),
+               "best_so_far": best["fitness"] if best else None,
+               "sigma": float(self.es.sigma), "fevals": self.fevals,
+               "seconds": sum(r.get("seconds") or 0.0 for r in every)}
+        if any("items" in r for r in every):
+            out["items"] = sum((r.get("items") or {}).get("scored", 0) for r in every)
+        return out
 
 
 def _round(v: Any) -> Optional[float]:

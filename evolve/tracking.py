@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional
 # The x-axis of every per-generation chart. We never pass `step=` to run.log: W&B's own step
 # counter keeps increasing across a resume, whereas generation numbers could collide with it.
 STEP_METRIC = "generation"
-PER_GENERATION = ("fitness/*", "cma/*", "best/*", "evaluations", "failed", "seconds")
+PER_GENERATION = ("fitness/*", "cma/*", "best/*", "evaluations", "failed", "seconds", "items")
 CANDIDATES_TABLE = "candidates"            # this generation's candidates, one table per generation
 EVALUATIONS_TABLE = "evaluations_table"    # every evaluation, once at the end
 SWEEP_METRIC = "fitness/best_so_far"       # what configs/sweeps/*.yaml maximise
@@ -45,6 +45,8 @@ def generation_metrics(stats: dict, best: Optional[dict]) -> dict:
            "evaluations": stats["fevals"], "failed": stats["failed"]}
     if stats.get("seconds") is not None:
         out["seconds"] = stats["seconds"]
+    if stats.get("items") is not None:     # items scored this generation (evolve.fidelity)
+        out["items"] = stats["items"]
     for task, score in ((best or {}).get("scores") or {}).items():
         out[f"best/{task}"] = score
     return out

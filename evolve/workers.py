@@ -14,12 +14,13 @@ import sys
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from merge.errors import EvomergeError
 
+from evolve.faults import HANG_ENV, ClusterHealth, EvalLimits
 from evolve.fitness import EvalSettings
 
 # Test hook: a path; the first worker to find it absent creates it and exits mid-evaluation (after
@@ -27,6 +28,7 @@ from evolve.fitness import EvalSettings
 # whole node down instead (SIGKILL to its raylet; never on the head node), as a lost machine
 # would. Used by the test suite only.
 DIE_ONCE_ENV = "EVOMERGE_TEST_WORKER_EXIT_ONCE"
+FREE_WAIT = 10.0   # seconds to wait for resources that are held now before calling them missing
 
 
 @dataclass
@@ -40,6 +42,9 @@ class WorkerSpec:
     trust_remote_code: bool = False
     threads: Optional[int] = None
     die_marker: Optional[str] = None
+    hang_marker: Optional[str] = None   # test hook: evolve.faults.HANG_ENV
+    log_dir: Optional[str] = None       # third-party output goes to LOG_DIR/worker-<pid>.log
+    share_inputs: bool = True           # CPU: inputs as views of the node's page cache
     backend: str = "hf"             # hf | vllm
     cache_magnitudes: bool = False  # keep task-vector magnitude orders (MergeOptions)
     vllm: Optional[dict] = None     # the genome's `vllm:` section (vllm_backend.VllmSettings)
@@ -53,6 +58,7 @@ class EvalWorker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.placement = _placement()
         self.error: Optional[str] = None
+        self._merged: Optional[dict] = None    # the config the live model holds now
         t0 = time.perf_counter()
         try:
             self._setup(spec)
@@ -62,6 +68,10 @@ class EvalWorker:
 
     def _setup(self, spec: WorkerSpec) -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")   # lm-eval's bars would only fill Ray's logs
+        if spec.log_dir:
+            from evolve.console import route_third_party
+
+            route_third_party(Path(spec.log_dir) / f"worker-{os.getpid()}.log")
         import torch
 
         from merge.config import MergeConfig
@@ -90,6 +100,10 @@ class EvalWorker:
                                                   trust_remote_code=spec.trust_remote_code,
                                                   cache_magnitudes=spec.cache_magnitudes))
         config = MergeConfig.from_dict(spec.initial_config)
+        if spec.share_inputs:    # one copy of the inputs per node (evolve.shared_inputs)
+            from evolve.shared_inputs import share_inputs
+
+            share_inputs(self.merger, config)
         self.model = self.merger.build_model(config)
         tokenizer = _merged_tokenizer(self.merger.plan(config), spec.trust_remote_code)
         self.scorer = Scorer(self.model, tokenizer, spec.eval)
@@ -99,7 +113,9 @@ class EvalWorker:
         return {"worker": self.name, "error": self.error, "startup_seconds": self.startup_seconds,
                 **self.placement}
 
-    def evaluate(self, config: dict) -> dict:
+    def evaluate(self, config: dict, samples: Optional[dict] = None) -> dict:
+        """Merge `config` into the live model and score it, on `samples` ({task: [item
+        index, ...]}) when given, else on the settings' items."""
         from merge.config import MergeConfig
 
         t0 = time.perf_counter()
@@ -107,16 +123,33 @@ class EvalWorker:
         try:
             if self.error:
                 raise EvomergeError(self.error)
-            self._load(MergeConfig.from_dict(config))
+            if config != self._merged:      # a promoted candidate's next rung: already merged
+                self._merged = None
+                self._load(MergeConfig.from_dict(config))
+                self._merged = config
             t1 = time.perf_counter()
             self._test_hook_die()
-            out["scores"] = self.scorer.score()
+            self._test_hook_hang()
+            out["scores"] = self.scorer.score(samples)
             out["merge_seconds"] = t1 - t0
             out["eval_seconds"] = time.perf_counter() - t1
         except Exception as e:  # a failed candidate is data for the search, not a crash
             out["error"] = _one_line(e)
         out["seconds"] = time.perf_counter() - t0
         return out
+
+    def _test_hook_hang(self) -> None:
+        marker = self.spec.hang_marker
+        if not marker:
+            return
+        path, _, times = marker.rpartition(":") if marker.rpartition(":")[2].isdigit() else (
+            marker, "", "1")
+        with open(path, "a+") as f:
+            f.seek(0)
+            if len(f.read().splitlines()) >= int(times):
+                return
+            f.write(f"{os.getpid()}\n")
+        time.sleep(3600)
 
     def _test_hook_die(self) -> None:
         marker = self.spec.die_marker
@@ -233,6 +266,25 @@ class RaySession:
                 raise EvomergeError(
                     f"--workers: {workers} worker(s) × {amount / workers:g} {res} need {amount:g} "
                     f"{res} but the Ray cluster has {have:g}{fix}")
+        # Totals can suffice while other jobs hold the resources: Ray would queue our actors
+        # until they are freed, i.e. possibly forever. What is free now must suffice too.
+        # (Actors just killed, e.g. by a previous run in this session, free theirs within a few
+        # seconds: wait that long before calling the cluster full.)
+        wait_until = time.monotonic() + FREE_WAIT
+        while True:
+            free = ray.available_resources()
+            short = [res for res, amount in need.items() if amount > free.get(res, 0.0) + 1e-9]
+            if not short or time.monotonic() > wait_until:
+                break
+            time.sleep(0.5)
+        if short:
+            res = short[0]
+            amount, have = need[res], free.get(res, 0.0)
+            raise EvomergeError(
+                f"--workers: {workers} worker(s) × {amount / workers:g} {res} need "
+                f"{amount:g} {res} but only {have:g} of the Ray cluster's "
+                f"{total.get(res, 0.0):g} are free now (other jobs hold the rest); lower "
+                f"--workers or {flags[res]}, or wait for them")
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         if gpus > 1:   # a multi-GPU worker has to fit on one node
             per_node = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
@@ -335,17 +387,32 @@ def _probe(address: str, timeout: float = 3.0) -> None:
 # The pool
 # ---------------------------------------------------------------------------------------------
 class WorkerPool:
-    """`workers` actors kept busy: a new candidate goes to whichever actor finishes first. An actor
-    that dies takes its candidate back into the queue and is replaced by a fresh one."""
+    """`workers` actors kept busy: a new candidate goes to whichever actor finishes first.
+
+    Nothing waits without a limit. An actor that dies takes its candidate back into the queue and
+    is replaced by a fresh one (up to `max_retries` retries). An evaluation that runs past its
+    limit (evolve.faults.EvalLimits) gets its actor killed and replaced, and is retried
+    `limits.retries` times, then recorded as failed. Every wait is a short `ray.wait`, so SIGINT
+    reaches the driver within a second, and the cluster's health is checked in between
+    (evolve.faults.ClusterHealth): a lost raylet or head ends the run with one line."""
+
+    TICK = 1.0   # seconds per ray.wait: how quickly limits, SIGINT and health are noticed
 
     def __init__(self, spec: WorkerSpec, workers: int, cpus: float = 1, gpus: float = 0,
-                 max_retries: int = 2, log: Callable[[str], None] = print):
+                 max_retries: int = 2, log: Callable[[str], None] = print,
+                 limits: Optional[EvalLimits] = None):
         import ray
 
+        if spec.hang_marker is None and os.environ.get(HANG_ENV):
+            spec = replace(spec, hang_marker=os.environ[HANG_ENV])
         self.spec = spec
         self.max_retries = max_retries
+        self.limits = limits or EvalLimits()
         self.log = log
         self.deaths = 0
+        self.timeouts = 0
+        self.health = ClusterHealth()
+        self._warm: set = set()     # actors that finished an evaluation (past their first)
         # SPREAD: workers go to different nodes while there is room (more memory bandwidth per
         # worker, and one lost node takes fewer of them); fractions of a GPU still share one.
         self._cls = ray.remote(EvalWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
@@ -355,10 +422,13 @@ class WorkerPool:
         self._starting: dict = {}   # info() refs of replacement actors still starting
         t0 = time.perf_counter()
         try:
-            infos = ray.get([a.info.remote() for a in self.actors])
+            infos = self._wait_started([a.info.remote() for a in self.actors])
         except ray.exceptions.RayActorError as e:   # killed while starting (out of memory, ...)
             self.shutdown()
             raise EvomergeError(f"a worker died while starting: {_one_line(e)}") from None
+        except BaseException:
+            self.shutdown()
+            raise
         for info in infos:
             if info["error"]:
                 self.shutdown()
@@ -367,29 +437,84 @@ class WorkerPool:
         self.worker_startup = [i["startup_seconds"] for i in infos]
         self.placements = infos
 
-    def run(self, jobs: list[tuple[Any, dict]],
-            should_stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[Any, dict]]:
-        """Evaluate (key, config) jobs; yield (key, result) as each finishes. Once `should_stop()`
-        turns true no new job starts; those in flight finish and are yielded."""
+    def _wait_started(self, refs: list) -> list[dict]:
+        import ray
+
+        deadline = time.monotonic() + self.limits.start
+        left = list(refs)
+        while left:
+            _, left = ray.wait(left, num_returns=len(left), timeout=self.TICK)
+            if not left:
+                break
+            self.health.check()
+            if time.monotonic() > deadline:
+                raise EvomergeError(f"--workers: {len(left)} worker(s) did not start within "
+                                    f"{self.limits.start:g}s (inputs read, model and tasks "
+                                    f"built); check the workers' logs, or the cluster's free "
+                                    f"resources")
+        return ray.get(refs)
+
+    def run(self, jobs: list[tuple], should_stop: Callable[[], bool] = lambda: False,
+            grace: float = 60.0) -> Iterator[tuple[Any, dict]]:
+        """Evaluate (key, config) or (key, config, samples) jobs; yield (key, result) as each
+        finishes. `samples` ({task: [item index, ...]}) picks the items to score (None: the
+        settings' own). Once `should_stop()` turns true no new job starts; those in flight may
+        finish within `grace` seconds, then they are abandoned (not yielded)."""
         import ray
         from ray.exceptions import RayActorError, WorkerCrashedError
 
-        queue = deque((key, cfg, 1) for key, cfg in jobs)
+        queue = deque((job[0], job[1], job[2] if len(job) > 2 else None, 1, 0) for job in jobs)
         idle = list(self.actors)
-        pending: dict = {ref: ("start", actor, None) for ref, actor in self._starting.items()}
+        now = time.monotonic()
+        pending: dict = {ref: ("start", actor, None, now, self.limits.start)
+                         for ref, actor in self._starting.items()}
         self._starting = {}
+        stop_at: Optional[float] = None
         try:
             while True:
-                while idle and queue and not should_stop():
+                stopping = should_stop()
+                while idle and queue and not stopping:
                     actor, job = idle.pop(), queue.popleft()
-                    pending[actor.evaluate.remote(job[1])] = ("eval", actor, job)
-                in_flight = any(kind == "eval" for kind, _, _ in pending.values())
-                if not in_flight and (not queue or should_stop()):
+                    limit = self.limits.limit(first_on_actor=_key(actor) not in self._warm,
+                                              items=_items(job[2]))
+                    pending[actor.evaluate.remote(job[1], job[2])] = (
+                        "eval", actor, job, time.monotonic(), limit)
+                in_flight = [r for r, p in pending.items() if p[0] == "eval"]
+                if not in_flight and (not queue or stopping):
                     break
                 if not pending:
                     raise EvomergeError("no worker is left to evaluate candidates")
-                [ref], _ = ray.wait(list(pending), num_returns=1)
-                kind, actor, job = pending.pop(ref)
+                if stopping and stop_at is None:
+                    stop_at = time.monotonic() + grace
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.TICK)
+                if not ready:
+                    self.health.check()
+                    now = time.monotonic()
+                    if stop_at is not None and now > stop_at:
+                        self.log(f"--timeout: abandoning {len(in_flight)} evaluation(s) still "
+                                 f"running after {grace:g}s of grace; --resume runs them again")
+                        for ref in in_flight:
+                            self._replace(pending, pending.pop(ref)[1])
+                        continue
+                    for ref in [r for r, p in pending.items() if now - p[3] > p[4]]:
+                        kind, actor, job, started, limit = pending.pop(ref)
+                        if kind == "start":
+                            raise EvomergeError(f"a replacement worker did not start within "
+                                                f"{limit:g}s; check the workers' logs")
+                        self.timeouts += 1
+                        key, cfg, samples, attempt, timeouts = job
+                        self.log(f"candidate {key}: evaluation still running after {limit:.0f}s "
+                                 f"(its time limit); worker killed and replaced")
+                        self._replace(pending, actor)
+                        if timeouts < self.limits.retries:
+                            queue.appendleft((key, cfg, samples, attempt + 1, timeouts + 1))
+                        else:
+                            yield key, {"error": f"evaluation timed out after {limit:.0f}s "
+                                                 f"on {timeouts + 1} attempt(s)",
+                                        "seconds": now - started, "attempt": attempt}
+                    continue
+                ref = ready[0]
+                kind, actor, job, started, _ = pending.pop(ref)
                 if kind == "start":
                     self._started(ref, actor)
                     idle.append(actor)
@@ -397,25 +522,39 @@ class WorkerPool:
                 try:
                     result = ray.get(ref)
                 except (RayActorError, WorkerCrashedError) as e:
-                    key, cfg, attempt = job
+                    self.health.check(now_please=True)   # the worker, or its whole node?
+                    key, cfg, samples, attempt, timeouts = job
                     self.deaths += 1
-                    self.actors.remove(actor)
-                    ray.kill(actor)
                     self.log(f"a worker died while evaluating candidate {key} "
                              f"({type(e).__name__}); starting a fresh one")
+                    self._replace(pending, actor)
                     if attempt <= self.max_retries:
-                        queue.appendleft((key, cfg, attempt + 1))
+                        queue.appendleft((key, cfg, samples, attempt + 1, timeouts))
                     else:
                         yield key, {"error": f"the worker died on each of {attempt} attempts",
                                     "seconds": 0.0, "attempt": attempt}
-                    fresh = self._cls.remote(self.spec)
-                    pending[fresh.info.remote()] = ("start", fresh, None)
                     continue
                 idle.append(actor)
-                result["attempt"] = job[2]
+                self._warm.add(_key(actor))
+                if not result.get("error"):
+                    self.limits.observe(result.get("seconds"), _items(job[2]))
+                result["attempt"] = job[3]
                 yield job[0], result
         finally:
-            self._starting.update({r: a for r, (k, a, _) in pending.items() if k == "start"})
+            self._starting.update({r: p[1] for r, p in pending.items() if p[0] == "start"})
+
+    def _replace(self, pending: dict, actor) -> None:
+        """Kill `actor` (dead, hung or abandoned) and start a fresh one in its place."""
+        import ray
+
+        if actor in self.actors:
+            self.actors.remove(actor)
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:
+            pass
+        fresh = self._cls.remote(self.spec)
+        pending[fresh.info.remote()] = ("start", fresh, None, time.monotonic(), self.limits.start)
 
     def _started(self, ref, actor) -> None:
         import ray
@@ -435,7 +574,15 @@ class WorkerPool:
 
         for actor in self.actors + list(self._starting.values()):
             try:
-                ray.kill(actor)
+                ray.kill(actor, no_restart=True)
             except Exception:
                 pass
         self.actors, self._starting = [], {}
+
+
+def _items(samples: Optional[dict]) -> Optional[int]:
+    return sum(len(v) for v in samples.values()) if samples else None
+
+
+def _key(actor) -> str:
+    return actor._actor_id.hex()

@@ -18,6 +18,7 @@ The in-memory result is compared bit for bit with the to-disk output of the same
 
 Usage:
     python scripts/bench_evolve.py [--methods linear,ties,ties+cache] [--candidates 3] [--family DIR]
+    python scripts/bench_evolve.py --memory 1,2,4     # workers' memory, private vs shared inputs
 
 A `+cache` suffix keeps the task vectors' magnitude orders in the merger (2 bytes per parameter per
 model; `mergekit-evolve --cache-magnitudes`): TIES thresholds become lookups.
@@ -138,8 +139,93 @@ def bench_method(label: str, dirs: dict, candidates: int, seed: int) -> dict:
     return result
 
 
+# --- memory of N workers on one node (--memory) -----------------------------------------------
+WORKER_SNIPPET = r"""
+import sys, json, time
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+from merge.config import MergeConfig
+from merge.engine import InMemoryMerger, MergeOptions
+config = MergeConfig.from_dict(json.loads(sys.argv[2]))
+merger = InMemoryMerger(MergeOptions(quiet=True, random_seed=1))
+if sys.argv[3] == "shared":
+    from evolve.shared_inputs import share_inputs
+    assert share_inputs(merger, config)
+model = merger.build_model(config)        # inputs read and kept, one working model: a worker
+merger.merge_into(config, model)          # and one more candidate through it
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def bench_memory(dirs: dict, counts: list[int], headroom: float = 3e9) -> list[dict]:
+    """N processes holding what an evaluation worker holds (inputs kept by an InMemoryMerger, one
+    live model, a candidate merged), with private input copies (before) and shared views (after).
+    Measured once all are ready: the sum of their PSS (shared pages split between the processes
+    mapping them) and RSS, and how much MemAvailable dropped. A configuration that would leave
+    less than `headroom` bytes available (by the estimate of the previous measurement) is skipped,
+    since the machine is shared."""
+    import psutil
+
+    space = genome_space("task_arithmetic", dirs)
+    config = space.decode(space.initial_vector())
+    per_worker: dict[str, float] = {}
+    out = []
+    for mode in ("private", "shared"):
+        for n in counts:
+            estimate = (per_worker.get(mode, 0.0) * n if mode == "private" else
+                        per_worker.get("inputs", 0.0) + per_worker.get("model", 0.0) * n)
+            if estimate and estimate > _mem_available() - headroom:
+                log(f"memory: {n} worker(s), {mode} inputs: skipped (needs ~{estimate / 1e9:.1f} "
+                    f"GB, {_mem_available() / 1e9:.1f} GB available)")
+                out.append({"workers": n, "mode": mode, "skipped": True,
+                            "estimate_gb": estimate / 1e9})
+                continue
+            base = _mem_available()
+            t0 = time.perf_counter()
+            procs = [subprocess.Popen([sys.executable, "-c", WORKER_SNIPPET, str(REPO_ROOT),
+                                       json.dumps(config), mode], stdout=subprocess.PIPE,
+                                      text=True) for _ in range(n)]
+            try:
+                for p in procs:
+                    if p.stdout.readline().strip() != "ready":
+                        raise SystemExit(f"a {mode} worker failed (exit {p.wait()})")
+                ready = time.perf_counter() - t0
+                infos = [psutil.Process(p.pid).memory_full_info() for p in procs]
+                used = base - _mem_available()
+            finally:
+                for p in procs:
+                    p.kill()
+                    p.wait()
+            row = {"workers": n, "mode": mode, "pss_gb": sum(i.pss for i in infos) / 1e9,
+                   "rss_gb": sum(i.rss for i in infos) / 1e9,
+                   "uss_gb": sum(i.uss for i in infos) / 1e9, "node_gb": used / 1e9,
+                   "ready_s": ready, "load": os.getloadavg()[0]}
+            out.append(row)
+            log(f"memory: {n} worker(s), {mode:7s} inputs: PSS {row['pss_gb']:.2f} GB, RSS "
+                f"{row['rss_gb']:.2f} GB, private (USS) {row['uss_gb']:.2f} GB, node "
+                f"MemAvailable -{row['node_gb']:.2f} GB; ready in {ready:.0f}s "
+                f"(load {row['load']:.1f})")
+            if mode == "private":
+                per_worker["private"] = max(per_worker.get("private", 0.0), row["pss_gb"] * 1e9 / n)
+            else:
+                per_worker["model"] = row["uss_gb"] * 1e9 / n
+                per_worker["inputs"] = max(0.0, row["pss_gb"] - row["uss_gb"]) * 1e9
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--memory", default=None, metavar="N,N,...",
+                    help="instead: peak memory of N workers, private vs shared inputs (1,2,4)")
     ap.add_argument("--methods", default="linear,ties,ties+cache")
     ap.add_argument("--candidates", type=int, default=3)
     ap.add_argument("--family", type=Path, default=None,
@@ -151,6 +237,11 @@ def main() -> None:
 
     dirs = bench_family.build_family(args.family or bench_family.DEFAULT_DIR, log=log)
     WORK.mkdir(parents=True, exist_ok=True)
+    if args.memory:
+        rows = bench_memory(dirs, [int(n) for n in args.memory.split(",")])
+        (REPO_ROOT / ".cache" / "bench_memory.json").write_text(json.dumps(rows, indent=2))
+        log("written to .cache/bench_memory.json")
+        return
     results = {}
     for method in args.methods.split(","):
         results[method] = bench_method(method.strip(), dirs, args.candidates, args.seed)

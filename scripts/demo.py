@@ -268,6 +268,9 @@ def main(argv=None) -> int:
     run_search(genome_path, storage, args)
 
     print("[3/3] held-out evaluation (items the search never saw)", flush=True)
+    from evolve.console import route_third_party
+
+    logs = route_third_party(out / "logs" / "demo.log")   # lm-eval's per-model warnings
     rows = judge(family, storage, out)
     table = print_table(rows)
     (out / "heldout.md").write_text(table + "\n")
@@ -278,6 +281,7 @@ def main(argv=None) -> int:
           f"points) — {time.time() - t0:.0f} s in all")
     print(f"report: {storage / 'report.png'}  {storage / 'report.html'}")
     print(f"merged model: {storage / 'best_model'}   recipe: {storage / 'best_config.yaml'}")
+    print(f"third-party messages: {logs}, {storage / 'logs'}")
     return 0
 
 

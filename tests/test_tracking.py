@@ -53,6 +53,7 @@ def test_generation_metrics_name_every_chart_and_the_best_scores():
         "fitness/best_so_far": 0.625, "cma/sigma": 0.21, "evaluations": 16, "failed": 1,
         "seconds": 2.5, "best/arith": 0.75, "best/copy": 0.5}
     assert "best/arith" not in tracking.generation_metrics(STATS, None)
+    assert tracking.generation_metrics({**STATS, "items": 348}, None)["items"] == 348
 
 
 def test_gene_names_are_readable_unique_and_in_genome_order():
