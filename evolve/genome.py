@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -57,6 +57,8 @@ class TaskSpec(_Strict):
     name: str
     weight: float = 1.0
     metric: str = "acc,none"
+    # the objective's direction (evolve.pareto); None = maximize (kept out of old runs' identity)
+    goal: Optional[Literal["maximize", "minimize"]] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -281,8 +283,8 @@ class GenomeSpace:
             return [EvolvedParam("weight", True, low, 1.0)]
         known = method.params
         if spec.parameters is None:
-            names = [p for p, s in known.items()
-                     if p in (DEFAULT_PER_MODEL if s.per_model else DEFAULT_SHARED)]
+            names = [p for p, s in known.items() if not s.inert    # evolving those does nothing
+                     and p in (DEFAULT_PER_MODEL if s.per_model else DEFAULT_SHARED)]
             if not names:
                 raise ConfigError(
                     "genome.merge_method",

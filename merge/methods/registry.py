@@ -24,6 +24,7 @@ class Param:
     max: float | None = None
     kind: type = float          # float or bool
     doc: str = ""
+    inert: bool = False         # accepted for compatibility with the reference; has no effect
 
     @property
     def required(self) -> bool:

@@ -161,10 +161,10 @@ def _params(normalize: bool, *extra: Param, rescale: Optional[bool] = None) -> l
 
 # The reference declares density and rescale for task_arithmetic too (it has no sparsifier, so
 # they do nothing there): configs that carry them are accepted.
-UNUSED_DENSITY = Param("density", default=1.0, per_model=True, min=0.0, max=1.0,
+UNUSED_DENSITY = Param("density", default=1.0, per_model=True, min=0.0, max=1.0, inert=True,
                        doc="accepted for compatibility; no effect (task_arithmetic keeps every "
                            "entry)")
-UNUSED_RESCALE = Param("rescale", default=False, kind=bool,
+UNUSED_RESCALE = Param("rescale", default=False, kind=bool, inert=True,
                        doc="accepted for compatibility; no effect (nothing is dropped)")
 
 
