@@ -133,8 +133,9 @@ def test_workers_the_cluster_cannot_place_now_fail_in_seconds_with_one_line(
         elapsed = time.monotonic() - t0
     finally:
         ray.kill(other)
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("note:")]
     assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: ")
     assert "only 0 of the Ray cluster's 2 are free now (other jobs hold the rest)" in lines[0]
     assert elapsed < 60 and not (tmp_path / "run" / "run.json").exists()
     print(f"\n[faults] unplaceable workers -> one line after {elapsed:.1f}s")

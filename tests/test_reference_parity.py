@@ -84,7 +84,7 @@ def test_corpus_is_wide():
                        "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
                        "della", "della_linear", "sce", "model_stock", "nearswap", "arcee_fusion",
                        "passthrough", "ram", "ramplus_tl"}
-    assert {c.parity for c in CASES} == {"exact", "stats", "ulp"}
+    assert {c.parity for c in CASES} == {"exact", "stats", "ulp", "ties-cutoff"}
     assert all(c.families for c in CASES), "a corpus config names no tiny-family model"
 
 
