@@ -126,15 +126,17 @@ def test_make_plan_on_real_lm_eval_tasks(toy_task_dir, tmp_path):
     on = make_plan("multi", limit=None, popsize=8, **args)      # 40 items: 8 first, then 32
     assert on.multi and on.full["evo_toy"] == list(range(40)) and on.low_count("evo_toy") == 8
     assert "multi-fidelity: each generation first on 8 items per task" in on.notes[0]
-    small = make_plan("auto", limit=None, popsize=8, **args)    # 40 < 128 items: not by default
+    small = make_plan("auto", limit=None, popsize=16, **args)   # 40 < 128 items: not by default
     assert not small.multi and "'evo_toy' has 40 items" in small.notes[0]
-    off = make_plan("auto", limit=16, popsize=8, **args)        # 8 of 16 would not pay
+    off = make_plan("auto", limit=16, popsize=16, **args)       # 8 of 16 would not pay
     assert not off.multi and "full fitness" in off.notes[0]
+    few = make_plan("auto", limit=None, popsize=8, **args)      # 8 candidates rank poorly
+    assert not few.multi and "a generation of 8 is too small" in few.notes[0]
     assert make_plan("multi", limit=16, popsize=8, **args).multi   # asked for: it is on
     assert make_plan("multi", limit=None, popsize=4, **args).multi
     big = FidelityPlan(full={"evo_toy": list(range(200))}, seed=1)
     assert big.low_count("evo_toy") == 25 and big.share(8) < 0.25
-    shuffled = make_plan("auto", limit=32, popsize=8, **{**args, "shuffle": True})
+    shuffled = make_plan("auto", limit=32, popsize=16, **{**args, "shuffle": True})
     assert shuffled.full == task_lib.sample_indices(loaded, 32, 1)
     assert set(shuffled.low_items(3)["evo_toy"]) <= set(shuffled.full["evo_toy"])
     assert not make_plan("full", limit=None, popsize=8, **args).multi
