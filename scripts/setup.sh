@@ -16,8 +16,19 @@ want="$TORCH_SPEC|$EXTRAS|$(sha1sum pyproject.toml | cut -c1-12)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-"$PY" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-"$PY" -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
-"$PY" -m pip install -q -e ".[$EXTRAS]" 2>&1 | grep -v "^WARNING: Location" || true
+# pip's and the build backend's own messages go to a log; it is shown only when a step fails
+log="$VENV/install.log"
+: > "$log"
+step() {
+  if ! "$PY" -m pip install -q "$@" >>"$log" 2>&1; then
+    grep -v "^WARNING: Location" "$log" | tail -n 40 >&2
+    echo "setup: 'pip install $*' failed; the whole log is $log" >&2
+    exit 1
+  fi
+}
+echo "setup: installing into $VENV (torch first: $TORCH_SPEC; pip's output in $log)" >&2
+"$PY" -m pip install -q --upgrade pip >>"$log" 2>&1 || true   # an old pip still works
+step "$TORCH_SPEC"
+step -e ".[$EXTRAS]"
 "$PY" -c "import torch, merge" >/dev/null
 echo "$want" > "$stamp"
