@@ -255,13 +255,21 @@ LEVELS = 1 << 16
 
 
 def random_levels(generator, out):
-    """out ← uniform integers in [0, 2¹⁶) as fp32, four per full-range 64-bit draw."""
+    """out ← uniform integers in [−2¹⁵, 2¹⁵) as fp32, four per full-range 64-bit draw: a draw
+    u + 2¹⁵ (uniform in [0, 2¹⁶)) is below a level L exactly when u < L − 2¹⁵ (`keep_`); the
+    offset is folded into the level (all values are small integers, exact in fp32)."""
     import torch
 
     k = out.numel()
     words = buffer("random.words", (k + 3) // 4, out.device, torch.int64)
     words.random_(-(1 << 63), None, generator=generator)
-    return out.copy_(words.view(torch.int16)[:k]).add_(LEVELS // 2)
+    return out.copy_(words.view(torch.int16)[:k])
+
+
+def keep_(draws, level):
+    """draws (from `random_levels`) ← 1.0 where the draw keeps an entry of keep-level `level`
+    (of 2¹⁶; a number, or a tensor already offset by −2¹⁵), else 0.0."""
+    return draws.lt_(level - LEVELS // 2 if isinstance(level, int) else level)
 
 
 def level_of(p: float) -> int:
@@ -271,14 +279,22 @@ def level_of(p: float) -> int:
 
 # --- DARE -----------------------------------------------------------------------------------------
 
+STORE_LIMIT = 1 << 24   # entries: up to this size the rescale pre-pass keeps fp32 masked deltas
+
+
 def random_sparsifier(inp: MergeInputs, i: int, draw, by_magnitude: bool = False) -> ChunkFn:
     """A random keep-mask, rescaled (when `rescale`) as the reference does: the kept entries are
     multiplied by ‖τ‖₁ / ‖τ kept‖₁ of the whole tensor, so the L1 norm is preserved exactly.
 
     `draw(a, chunk, out)` writes the chunk's 0/1 keep-mask (fp32) into `out`; `a` is |τ| over the
-    chunk when `by_magnitude` (read only), else None. Masks come from per-chunk generators, so they are the same with
-    and without rescaling. With rescaling one pass draws the masks (kept as one byte per entry for
-    this tensor and model), sums both norms, and the merge reuses them.
+    chunk when `by_magnitude` (read only), else None. Masks come from per-chunk generators, so they
+    are the same with and without rescaling. With rescaling one pass over τ draws the masks and sums
+    both norms; it keeps the masked task vector τ·m in fp32 (4 bytes per entry for this tensor and
+    model), and the merge pass only scales it (`writes_delta`: it reads neither θᵢ nor the base for
+    this model). τ·m·s equals τ·(m·s) bit for bit (m is 0 or 1; the sign of a zero is the XOR of
+    the signs either way). Above STORE_LIMIT entries the mask is kept as one byte per entry instead
+    and the merge pass re-reads τ. The fp32 stores are reused by the calling thread's next tensors
+    (at most STORE_LIMIT × 4 bytes per model and merging thread stay allocated).
     """
     import torch
 
@@ -291,19 +307,39 @@ def random_sparsifier(inp: MergeInputs, i: int, draw, by_magnitude: bool = False
         return apply_plain
 
     device = inp.base.device
-    # uint8, not bool: converting uint8 to fp32 is about 7x faster than bool to fp32 here
-    keep = torch.empty(inp.base.numel(), dtype=torch.uint8, device=device)
-    values_of = abs_delta_of(inp, i)
+    n = inp.base.numel()
+    x, b = flat(inp.tensors[i]), flat(inp.base)
+    store = n <= STORE_LIMIT
+    if store:
+        # kept per calling thread between tensors: writing a fresh 46 MB allocation costs page
+        # faults that took 5x the time of the multiply itself
+        keep = buffer(f"random.kept{i}", n, device)
+    else:
+        # uint8, not bool: converting uint8 to fp32 is about 7x faster than bool to fp32 here
+        keep = torch.empty(n, dtype=torch.uint8, device=device)
 
     def pre(ch: Chunk):
-        a = values_of(ch.span)
-        m = buffer("random.mask", ch.size, device)
+        s, k = ch.span, ch.size
+        d = buffer("random.delta", k, device).copy_(x[s])
+        d.sub_(buffer("random.base", k, device).copy_(b[s]))
+        a = torch.abs(d, out=buffer("random.abs", k, device))
+        m = buffer("random.mask", k, device)
         draw(a if by_magnitude else None, ch, m)
-        keep[ch.span].copy_(m)
-        return stable_sum(a), stable_sum(m.mul_(a))
+        if store:
+            torch.mul(d, m, out=keep[s])
+        else:
+            keep[s].copy_(m)
+        return stable_sum(a), stable_sum(a.mul_(m))
 
     parts = map_chunks(pre, chunks_of(inp.base.shape), device)
     scale = l1_ratio(sum(p[0] for p in parts), sum(p[1] for p in parts))
+
+    if store:
+        def apply_stored(d, chunk, w, tmp):
+            torch.mul(keep[chunk.span], w * scale, out=d)
+
+        apply_stored.writes_delta = True
+        return apply_stored
 
     def apply(d, chunk, w, tmp):
         d.mul_(tmp.copy_(keep[chunk.span]).mul_(w * scale))
@@ -320,7 +356,7 @@ def bernoulli(inp: MergeInputs, i: int, salt: str = "dare") -> Optional[ChunkFn]
         return _zero
 
     def draw(a, chunk, out):
-        random_levels(inp.generator(f"{salt}/{i}/{chunk.index}"), out).lt_(level)
+        keep_(random_levels(inp.generator(f"{salt}/{i}/{chunk.index}"), out), level)
 
     return random_sparsifier(inp, i, draw)
 
@@ -344,12 +380,13 @@ def magprune(inp: MergeInputs, i: int) -> Optional[ChunkFn]:
     if eps == 0.0:
         return bernoulli(inp, i, salt="della")   # every rank gets the same probability
     length = row_length(inp.base.shape)
-    by_rank = keep_levels(p, eps, length).to(inp.base.device)
+    # offset by −2¹⁵ like the draws of `random_levels` (exact: integers below 2¹⁷)
+    by_rank = (keep_levels(p, eps, length) - LEVELS // 2).to(inp.base.device)
 
     def draw(a, chunk, out):
         level = buffer("della.level", chunk.size, a.device)
         rank_values(a.view(-1, length), by_rank, level.view(-1, length))
-        random_levels(inp.generator(f"della/{i}/{chunk.index}"), out).lt_(level)
+        keep_(random_levels(inp.generator(f"della/{i}/{chunk.index}"), out), level)
 
     return random_sparsifier(inp, i, draw, by_magnitude=True)
 

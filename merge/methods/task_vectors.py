@@ -88,7 +88,10 @@ def _fp32_sum(values) -> float:
 
 
 def _delta(x, b, d, fn, chunk, w, tmp) -> None:
-    """d ← w · sparsify(x − b), in place."""
+    """d ← w · sparsify(x − b), in place (a sparsifier that `writes_delta` kept its own τ)."""
+    if getattr(fn, "writes_delta", False):
+        fn(d, chunk, w, tmp)
+        return
     d.copy_(x).sub_(b)
     if fn is None:
         d.mul_(w)
