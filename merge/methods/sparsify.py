@@ -26,7 +26,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from merge.methods.chunks import flat, row_length, row_spans, stable_sum
+from merge.methods.chunks import (SUM_BLOCK, flat, row_length, row_spans, stable_sum,
+                                  stable_sum_halves)
 from merge.methods.order_stats import SMALL, equal_counts, kth_largest_ranked, sample_positions
 from merge.methods.parallel import buffer, map_chunks
 from merge.methods.registry import MergeInputs
@@ -322,13 +323,17 @@ def random_sparsifier(inp: MergeInputs, i: int, draw, by_magnitude: bool = False
         s, k = ch.span, ch.size
         d = buffer("random.delta", k, device).copy_(x[s])
         d.sub_(buffer("random.base", k, device).copy_(b[s]))
-        a = torch.abs(d, out=buffer("random.abs", k, device))
+        pair = buffer("random.abs", 2 * k, device)   # |τ| and |τ|·m side by side: one sum
+        a = torch.abs(d, out=pair[:k])
         m = buffer("random.mask", k, device)
         draw(a if by_magnitude else None, ch, m)
         if store:
             torch.mul(d, m, out=keep[s])
         else:
             keep[s].copy_(m)
+        if k % SUM_BLOCK == 0:
+            torch.mul(a, m, out=pair[k:])
+            return stable_sum_halves(pair)
         return stable_sum(a), stable_sum(a.mul_(m))
 
     parts = map_chunks(pre, chunks_of(inp.base.shape), device)
