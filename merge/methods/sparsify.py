@@ -23,6 +23,8 @@ generator, derived from --random-seed, the tensor name, the model's index and th
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -280,6 +282,35 @@ def level_of(p: float) -> int:
 
 # --- DARE -----------------------------------------------------------------------------------------
 
+_joint = threading.local()
+
+
+@contextmanager
+def joint_prepass(inp: MergeInputs):
+    """Within it, the random sparsifiers made for `inp` (in this thread) defer their rescale
+    pre-passes; on leaving, one pass over the chunks runs them all and reads each base chunk once
+    (instead of once per model). Their chunk functions may be used only after it is left."""
+    pending = (inp, [])
+    outer = getattr(_joint, "pending", None)
+    _joint.pending = pending
+    try:
+        yield
+    finally:
+        _joint.pending = outer
+    runs = pending[1]
+    if not runs:
+        return
+    device, b = inp.base.device, flat(inp.base)
+
+    def all_models(ch: Chunk):
+        bf = buffer("random.base", ch.size, device).copy_(b[ch.span])
+        return [pre(ch, bf) for pre, _ in runs]
+
+    parts = map_chunks(all_models, chunks_of(inp.base.shape), device)
+    for j, (_, finish) in enumerate(runs):
+        finish([p[j] for p in parts])
+
+
 STORE_LIMIT = 1 << 24   # entries: up to this size the rescale pre-pass keeps fp32 masked deltas
 
 
@@ -319,10 +350,12 @@ def random_sparsifier(inp: MergeInputs, i: int, draw, by_magnitude: bool = False
         # uint8, not bool: converting uint8 to fp32 is about 7x faster than bool to fp32 here
         keep = torch.empty(n, dtype=torch.uint8, device=device)
 
-    def pre(ch: Chunk):
+    state = {}
+
+    def pre(ch: Chunk, bf):
+        """The pre-pass over one chunk, `bf` the base chunk in fp32: (‖τ‖₁, ‖τ kept‖₁) there."""
         s, k = ch.span, ch.size
-        d = buffer("random.delta", k, device).copy_(x[s])
-        d.sub_(buffer("random.base", k, device).copy_(b[s]))
+        d = buffer("random.delta", k, device).copy_(x[s]).sub_(bf)
         pair = buffer("random.abs", 2 * k, device)   # |τ| and |τ|·m side by side: one sum
         a = torch.abs(d, out=pair[:k])
         m = buffer("random.mask", k, device)
@@ -336,18 +369,26 @@ def random_sparsifier(inp: MergeInputs, i: int, draw, by_magnitude: bool = False
             return stable_sum_halves(pair)
         return stable_sum(a), stable_sum(a.mul_(m))
 
-    parts = map_chunks(pre, chunks_of(inp.base.shape), device)
-    scale = l1_ratio(sum(p[0] for p in parts), sum(p[1] for p in parts))
+    def finish(parts):
+        state["scale"] = l1_ratio(sum(p[0] for p in parts), sum(p[1] for p in parts))
+
+    pending = getattr(_joint, "pending", None)
+    if pending is not None and pending[0] is inp:
+        pending[1].append((pre, finish))     # run by `joint_prepass`, one base read for all
+    else:
+        finish(map_chunks(lambda ch: pre(ch, buffer("random.base", ch.size, device)
+                                         .copy_(b[ch.span])),
+                          chunks_of(inp.base.shape), device))
 
     if store:
         def apply_stored(d, chunk, w, tmp):
-            torch.mul(keep[chunk.span], w * scale, out=d)
+            torch.mul(keep[chunk.span], w * state["scale"], out=d)
 
         apply_stored.writes_delta = True
         return apply_stored
 
     def apply(d, chunk, w, tmp):
-        d.mul_(tmp.copy_(keep[chunk.span]).mul_(w * scale))
+        d.mul_(tmp.copy_(keep[chunk.span]).mul_(w * state["scale"]))
 
     return apply
 

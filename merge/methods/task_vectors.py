@@ -25,7 +25,7 @@ from merge.methods.chunks import flat
 from merge.methods.parallel import buffer, map_chunks
 from merge.methods.registry import MergeInputs, Param, register
 from merge.methods.sparsify import (Chunk, ChunkFn, band, bernoulli, chunks_of, della_check,
-                                    magnitude, magprune)
+                                    joint_prepass, magnitude, magprune)
 
 EPS = 1e-8
 
@@ -42,8 +42,9 @@ def task_vector_merge(inp: MergeInputs, pipeline: Pipeline):
     weights = [float(w) for w in inp.per_model("weight")]
     lam = float(inp.params.get("lambda", 1.0))
     normalize = bool(inp.params.get("normalize", False))
-    fns = [pipeline.sparsify(inp, i) if pipeline.sparsify else None
-           for i in range(len(inp.tensors))]
+    with joint_prepass(inp):   # DARE/DELLA rescale: one pre-pass over all models
+        fns = [pipeline.sparsify(inp, i) if pipeline.sparsify else None
+               for i in range(len(inp.tensors))]
     base = flat(inp.base)
     xs = [flat(x) for x in inp.tensors]
     out = inp.output(inp.base)
