@@ -28,6 +28,7 @@ from merge.methods.sparsify import (Chunk, ChunkFn, band, bernoulli, chunks_of, 
                                     joint_prepass, magnitude, magprune)
 
 EPS = 1e-8
+PIECE = 1 << 18   # entries: a piece of a chunk whose fp32 buffers stay in the per-core cache
 
 Sparsifier = Callable[[MergeInputs, int], Optional[ChunkFn]]
 
@@ -52,7 +53,18 @@ def task_vector_merge(inp: MergeInputs, pipeline: Pipeline):
     total_w = _fp32_sum(weights)
     device = base.device
 
+    # Chunk functions that are purely element-wise (`elementwise`: no draw, no per-row statistic)
+    # run over cache-sized pieces of each chunk; the results are the same bits.
+    pieces = all(fn is None or getattr(fn, "elementwise", False) for fn in fns)
+
     def merge_chunk(chunk: Chunk) -> None:
+        if pieces and chunk.size % PIECE == 0 and chunk.size > PIECE:
+            for j in range(chunk.span.start, chunk.span.stop, PIECE):
+                merge_piece(Chunk(chunk.index, slice(j, j + PIECE)))
+        else:
+            merge_piece(chunk)
+
+    def merge_piece(chunk: Chunk) -> None:
         s, k = chunk.span, chunk.size
         b = buffer("tv.base", k, device).copy_(base[s])
         tmp = buffer("tv.tmp", k, device)
