@@ -3,6 +3,9 @@
 A sparsifier is prepared once per (tensor, model) — it may stream over τᵢ once to find thresholds —
 and returns a chunk function `apply(d, chunk, w, tmp)` that turns a chunk `d` of τᵢ (fp32, in place)
 into `w · sparsified(d)`; `tmp` is a scratch buffer of the same length. `None` means "keep all".
+A chunk function may carry two flags: `writes_delta` (it writes w · sparsified(τ) from what its
+pre-pass kept, without reading `d`: the merge then skips θᵢ − θ_base) and `elementwise` (no draw or
+per-row statistic: it may be called on any piece of a chunk, as `Chunk(index, sub-span)`).
 
     magnitude       TIES: keep the max(1, ⌊density·n⌋) largest |τ| (per tensor)
     band            breadcrumbs: drop the ⌊gamma·n⌋ largest and the smallest, keep ⌊density·n⌋
