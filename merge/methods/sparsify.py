@@ -3,6 +3,9 @@
 A sparsifier is prepared once per (tensor, model) — it may stream over τᵢ once to find thresholds —
 and returns a chunk function `apply(d, chunk, w, tmp)` that turns a chunk `d` of τᵢ (fp32, in place)
 into `w · sparsified(d)`; `tmp` is a scratch buffer of the same length. `None` means "keep all".
+A chunk function may carry two flags: `writes_delta` (it writes w · sparsified(τ) from what its
+pre-pass kept, without reading `d`: the merge then skips θᵢ − θ_base) and `elementwise` (no draw or
+per-row statistic: it may be called on any piece of a chunk, as `Chunk(index, sub-span)`).
 
     magnitude       TIES: keep the max(1, ⌊density·n⌋) largest |τ| (per tensor)
     band            breadcrumbs: drop the ⌊gamma·n⌋ largest and the smallest, keep ⌊density·n⌋
@@ -23,10 +26,13 @@ generator, derived from --random-seed, the tensor name, the model's index and th
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from merge.methods.chunks import flat, row_length, row_spans, stable_sum
+from merge.methods.chunks import (SUM_BLOCK, flat, row_length, row_spans, stable_sum,
+                                  stable_sum_halves)
 from merge.methods.order_stats import SMALL, equal_counts, kth_largest_ranked, sample_positions
 from merge.methods.parallel import buffer, map_chunks
 from merge.methods.registry import MergeInputs
@@ -255,13 +261,21 @@ LEVELS = 1 << 16
 
 
 def random_levels(generator, out):
-    """out ← uniform integers in [0, 2¹⁶) as fp32, four per full-range 64-bit draw."""
+    """out ← uniform integers in [−2¹⁵, 2¹⁵) as fp32, four per full-range 64-bit draw: a draw
+    u + 2¹⁵ (uniform in [0, 2¹⁶)) is below a level L exactly when u < L − 2¹⁵ (`keep_`); the
+    offset is folded into the level (all values are small integers, exact in fp32)."""
     import torch
 
     k = out.numel()
     words = buffer("random.words", (k + 3) // 4, out.device, torch.int64)
     words.random_(-(1 << 63), None, generator=generator)
-    return out.copy_(words.view(torch.int16)[:k]).add_(LEVELS // 2)
+    return out.copy_(words.view(torch.int16)[:k])
+
+
+def keep_(draws, level):
+    """draws (from `random_levels`) ← 1.0 where the draw keeps an entry of keep-level `level`
+    (of 2¹⁶; a number, or a tensor already offset by −2¹⁵), else 0.0."""
+    return draws.lt_(level - LEVELS // 2 if isinstance(level, int) else level)
 
 
 def level_of(p: float) -> int:
@@ -271,14 +285,52 @@ def level_of(p: float) -> int:
 
 # --- DARE -----------------------------------------------------------------------------------------
 
+_joint = threading.local()
+
+
+@contextmanager
+def joint_prepass(inp: MergeInputs):
+    """Within it, the random sparsifiers made for `inp` (in this thread) defer their rescale
+    pre-passes; on leaving, one pass over the chunks runs them all and reads each base chunk once
+    (instead of once per model). Their chunk functions may be used only after it is left."""
+    pending = (inp, [])
+    outer = getattr(_joint, "pending", None)
+    _joint.pending = pending
+    try:
+        yield
+    finally:
+        _joint.pending = outer
+    runs = pending[1]
+    if not runs:
+        return
+    device, b = inp.base.device, flat(inp.base)
+
+    def all_models(ch: Chunk):
+        bf = buffer("random.base", ch.size, device).copy_(b[ch.span])
+        return [pre(ch, bf) for pre, _ in runs]
+
+    parts = map_chunks(all_models, chunks_of(inp.base.shape), device)
+    for j, (_, finish) in enumerate(runs):
+        finish([p[j] for p in parts])
+
+
+SUB = 1 << 18           # entries per cache-sized piece of a pre-pass chunk
+STORE_LIMIT = 1 << 24   # entries: up to this size the rescale pre-pass keeps fp32 masked deltas
+
+
 def random_sparsifier(inp: MergeInputs, i: int, draw, by_magnitude: bool = False) -> ChunkFn:
     """A random keep-mask, rescaled (when `rescale`) as the reference does: the kept entries are
     multiplied by ‖τ‖₁ / ‖τ kept‖₁ of the whole tensor, so the L1 norm is preserved exactly.
 
     `draw(a, chunk, out)` writes the chunk's 0/1 keep-mask (fp32) into `out`; `a` is |τ| over the
-    chunk when `by_magnitude` (read only), else None. Masks come from per-chunk generators, so they are the same with
-    and without rescaling. With rescaling one pass draws the masks (kept as one byte per entry for
-    this tensor and model), sums both norms, and the merge reuses them.
+    chunk when `by_magnitude` (read only), else None. Masks come from per-chunk generators, so they
+    are the same with and without rescaling. With rescaling one pass over τ draws the masks and sums
+    both norms; it keeps the masked task vector τ·m in fp32 (4 bytes per entry for this tensor and
+    model), and the merge pass only scales it (`writes_delta`: it reads neither θᵢ nor the base for
+    this model). τ·m·s equals τ·(m·s) bit for bit (m is 0 or 1; the sign of a zero is the XOR of
+    the signs either way). Above STORE_LIMIT entries the mask is kept as one byte per entry instead
+    and the merge pass re-reads τ. The fp32 stores are reused by the calling thread's next tensors
+    (at most STORE_LIMIT × 4 bytes per model and merging thread stay allocated).
     """
     import torch
 
@@ -291,23 +343,90 @@ def random_sparsifier(inp: MergeInputs, i: int, draw, by_magnitude: bool = False
         return apply_plain
 
     device = inp.base.device
-    # uint8, not bool: converting uint8 to fp32 is about 7x faster than bool to fp32 here
-    keep = torch.empty(inp.base.numel(), dtype=torch.uint8, device=device)
-    values_of = abs_delta_of(inp, i)
+    n = inp.base.numel()
+    x, b = flat(inp.tensors[i]), flat(inp.base)
+    store = n <= STORE_LIMIT
+    if store:
+        # kept per calling thread between tensors: writing a fresh 46 MB allocation costs page
+        # faults that took 5x the time of the multiply itself
+        keep = buffer(f"random.kept{i}", n, device)
+    else:
+        # uint8, not bool: converting uint8 to fp32 is about 7x faster than bool to fp32 here
+        keep = torch.empty(n, dtype=torch.uint8, device=device)
 
-    def pre(ch: Chunk):
-        a = values_of(ch.span)
-        m = buffer("random.mask", ch.size, device)
+    state = {}
+
+    def pre(ch: Chunk, bf):
+        """The pre-pass over one chunk, `bf` the base chunk in fp32: (‖τ‖₁, ‖τ kept‖₁) there."""
+        s, k = ch.span, ch.size
+        if not by_magnitude and k % SUB == 0 and k > SUB:
+            return pre_blocked(ch, bf)
+        d = buffer("random.delta", k, device).copy_(x[s]).sub_(bf)
+        pair = buffer("random.abs", 2 * k, device)   # |τ| and |τ|·m side by side: one sum
+        a = torch.abs(d, out=pair[:k])
+        m = buffer("random.mask", k, device)
         draw(a if by_magnitude else None, ch, m)
-        keep[ch.span].copy_(m)
-        return stable_sum(a), stable_sum(m.mul_(a))
+        if store:
+            torch.mul(d, m, out=keep[s])
+        else:
+            keep[s].copy_(m)
+        if k % SUM_BLOCK == 0:
+            torch.mul(a, m, out=pair[k:])
+            return stable_sum_halves(pair)
+        return stable_sum(a), stable_sum(a.mul_(m))
 
-    parts = map_chunks(pre, chunks_of(inp.base.shape), device)
-    scale = l1_ratio(sum(p[0] for p in parts), sum(p[1] for p in parts))
+    def pre_blocked(ch: Chunk, bf):
+        """`pre` for a mask that does not depend on τ: the whole chunk's mask is drawn first (one
+        generator per chunk), the rest runs over SUB-entry pieces whose buffers stay in the
+        per-core cache (a third faster); the fp32 block sums are gathered and added in fp64 as
+        `stable_sum_halves` adds them, so the norms are the same bits."""
+        s, k = ch.span, ch.size
+        m = buffer("random.mask", k, device)
+        draw(None, ch, m)
+        nb = k // SUM_BLOCK
+        sums = buffer("random.blocks", 2 * nb, device)
+        d = buffer("random.delta", SUB, device)
+        pair = buffer("random.abs", 2 * SUB, device)
+        per = SUB // SUM_BLOCK
+        for j in range(0, k, SUB):
+            piece = slice(s.start + j, s.start + j + SUB)
+            mj = m[j:j + SUB]
+            d.copy_(x[piece]).sub_(bf[j:j + SUB])
+            a = torch.abs(d, out=pair[:SUB])
+            if store:
+                torch.mul(d, mj, out=keep[piece])
+            else:
+                keep[piece].copy_(mj)
+            torch.mul(a, mj, out=pair[SUB:])
+            blocks = pair.view(2, per, SUM_BLOCK).sum(dim=2)
+            sums[j // SUM_BLOCK:j // SUM_BLOCK + per].copy_(blocks[0])
+            sums[nb + j // SUM_BLOCK:nb + j // SUM_BLOCK + per].copy_(blocks[1])
+        return (float(sums[:nb].sum(dtype=torch.float64)),
+                float(sums[nb:].sum(dtype=torch.float64)))
+
+    def finish(parts):
+        state["scale"] = l1_ratio(sum(p[0] for p in parts), sum(p[1] for p in parts))
+
+    pending = getattr(_joint, "pending", None)
+    if pending is not None and pending[0] is inp:
+        pending[1].append((pre, finish))     # run by `joint_prepass`, one base read for all
+    else:
+        finish(map_chunks(lambda ch: pre(ch, buffer("random.base", ch.size, device)
+                                         .copy_(b[ch.span])),
+                          chunks_of(inp.base.shape), device))
+
+    if store:
+        def apply_stored(d, chunk, w, tmp):
+            torch.mul(keep[chunk.span], w * state["scale"], out=d)
+
+        apply_stored.writes_delta = True
+        apply_stored.elementwise = True
+        return apply_stored
 
     def apply(d, chunk, w, tmp):
-        d.mul_(tmp.copy_(keep[chunk.span]).mul_(w * scale))
+        d.mul_(tmp.copy_(keep[chunk.span]).mul_(w * state["scale"]))
 
+    apply.elementwise = True
     return apply
 
 
@@ -320,7 +439,7 @@ def bernoulli(inp: MergeInputs, i: int, salt: str = "dare") -> Optional[ChunkFn]
         return _zero
 
     def draw(a, chunk, out):
-        random_levels(inp.generator(f"{salt}/{i}/{chunk.index}"), out).lt_(level)
+        keep_(random_levels(inp.generator(f"{salt}/{i}/{chunk.index}"), out), level)
 
     return random_sparsifier(inp, i, draw)
 
@@ -344,12 +463,13 @@ def magprune(inp: MergeInputs, i: int) -> Optional[ChunkFn]:
     if eps == 0.0:
         return bernoulli(inp, i, salt="della")   # every rank gets the same probability
     length = row_length(inp.base.shape)
-    by_rank = keep_levels(p, eps, length).to(inp.base.device)
+    # offset by −2¹⁵ like the draws of `random_levels` (exact: integers below 2¹⁷)
+    by_rank = (keep_levels(p, eps, length) - LEVELS // 2).to(inp.base.device)
 
     def draw(a, chunk, out):
         level = buffer("della.level", chunk.size, a.device)
         rank_values(a.view(-1, length), by_rank, level.view(-1, length))
-        random_levels(inp.generator(f"della/{i}/{chunk.index}"), out).lt_(level)
+        keep_(random_levels(inp.generator(f"della/{i}/{chunk.index}"), out), level)
 
     return random_sparsifier(inp, i, draw, by_magnitude=True)
 

@@ -25,9 +25,10 @@ from merge.methods.chunks import flat
 from merge.methods.parallel import buffer, map_chunks
 from merge.methods.registry import MergeInputs, Param, register
 from merge.methods.sparsify import (Chunk, ChunkFn, band, bernoulli, chunks_of, della_check,
-                                    magnitude, magprune)
+                                    joint_prepass, magnitude, magprune)
 
 EPS = 1e-8
+PIECE = 1 << 18   # entries: a piece of a chunk whose fp32 buffers stay in the per-core cache
 
 Sparsifier = Callable[[MergeInputs, int], Optional[ChunkFn]]
 
@@ -42,8 +43,9 @@ def task_vector_merge(inp: MergeInputs, pipeline: Pipeline):
     weights = [float(w) for w in inp.per_model("weight")]
     lam = float(inp.params.get("lambda", 1.0))
     normalize = bool(inp.params.get("normalize", False))
-    fns = [pipeline.sparsify(inp, i) if pipeline.sparsify else None
-           for i in range(len(inp.tensors))]
+    with joint_prepass(inp):   # DARE/DELLA rescale: one pre-pass over all models
+        fns = [pipeline.sparsify(inp, i) if pipeline.sparsify else None
+               for i in range(len(inp.tensors))]
     base = flat(inp.base)
     xs = [flat(x) for x in inp.tensors]
     out = inp.output(inp.base)
@@ -51,7 +53,18 @@ def task_vector_merge(inp: MergeInputs, pipeline: Pipeline):
     total_w = _fp32_sum(weights)
     device = base.device
 
+    # Chunk functions that are purely element-wise (`elementwise`: no draw, no per-row statistic)
+    # run over cache-sized pieces of each chunk; the results are the same bits.
+    pieces = all(fn is None or getattr(fn, "elementwise", False) for fn in fns)
+
     def merge_chunk(chunk: Chunk) -> None:
+        if pieces and chunk.size % PIECE == 0 and chunk.size > PIECE:
+            for j in range(chunk.span.start, chunk.span.stop, PIECE):
+                merge_piece(Chunk(chunk.index, slice(j, j + PIECE)))
+        else:
+            merge_piece(chunk)
+
+    def merge_piece(chunk: Chunk) -> None:
         s, k = chunk.span, chunk.size
         b = buffer("tv.base", k, device).copy_(base[s])
         tmp = buffer("tv.tmp", k, device)
@@ -88,7 +101,10 @@ def _fp32_sum(values) -> float:
 
 
 def _delta(x, b, d, fn, chunk, w, tmp) -> None:
-    """d ← w · sparsify(x − b), in place."""
+    """d ← w · sparsify(x − b), in place (a sparsifier that `writes_delta` kept its own τ)."""
+    if getattr(fn, "writes_delta", False):
+        fn(d, chunk, w, tmp)
+        return
     d.copy_(x).sub_(b)
     if fn is None:
         d.mul_(w)
