@@ -291,7 +291,7 @@ def _run(opts: Options) -> int:
     cfg = load_evolve_config(opts.genome)
     overrides = _storage_and_overrides(opts)
     cfg = apply_overrides(cfg, overrides)
-    from evolve.run import InputWatch
+    from evolve.inputs import InputWatch
 
     inputs = InputWatch(cfg.genome)      # every input found, named by its genome field
     try:

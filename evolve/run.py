@@ -6,7 +6,6 @@ checked before any worker starts, and hands over.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 import uuid
@@ -17,6 +16,9 @@ from typing import Optional
 import click
 
 from merge.errors import EvomergeError
+from evolve.inputs import InputWatch
+from evolve.placement import check_local_placement, local_cpus, sweep_stale_ray_dirs
+from evolve.signals import SignalGuard, Stopped
 
 WANDB_PROJECT = "mergekit-evolve"
 # The reference tool's default step. Ours is a fraction of each gene's range, which for the
@@ -57,173 +59,6 @@ class Options:
     objective: str = "weighted"                # weighted | pareto (evolve.pareto)
 
 
-class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGINT: the search stops at once, cleanly, resumable."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-
-class _SignalGuard:
-    """SIGTERM and SIGINT raise Stopped in the main thread (Ray's own SIGTERM handler calls
-    sys.exit, and the interpreter then aborts in Ray's C++ threads). A second signal while
-    cleaning up is ignored, a third ends the process at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self, log):
-        self.log, self.count, self.saved = log, 0, {}
-
-    def install(self) -> None:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in self.SIGNALS:
-            self.saved.setdefault(sig, signal.getsignal(sig))
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.count += 1
-        if self.count == 1:
-            raise Stopped(signum)
-        if self.count == 2:
-            self.log("still stopping (shutting the workers down); a third signal exits at once")
-            return
-        os._exit(128 + signum)
-
-    def restore(self) -> None:
-        for sig, handler in self.saved.items():
-            signal.signal(sig, handler)
-        self.saved = {}
-
-
-RAY_DIR_PREFIX = "evomerge-ray-"     # evolve.workers.RaySession's private temp folders
-
-
-def sweep_stale_ray_dirs(roots=None, min_age: float = 120.0) -> list[Path]:
-    """Remove the Ray temp folders of local runs that were killed (kill -9 leaves them): ours
-    by name, older than `min_age` seconds, and named by no live process (every running Ray
-    session has its folder in its raylet's and GCS server's command lines)."""
-    import shutil
-    import tempfile
-
-    roots = roots or list(dict.fromkeys([tempfile.gettempdir(), "/tmp"]))
-    candidates = [p for root in roots if os.path.isdir(root)
-                  for p in Path(root).glob(RAY_DIR_PREFIX + "*")
-                  if p.is_dir() and not p.is_symlink() and p.stat().st_uid == os.getuid()
-                  and time.time() - p.stat().st_mtime > min_age]
-    if not candidates:
-        return []
-    alive = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            alive.append((proc / "cmdline").read_bytes())
-        except OSError:
-            continue
-    removed = []
-    for p in candidates:
-        if not any(str(p).encode() in cmd for cmd in alive):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
-
-
-def local_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def check_local_placement(workers: int, cpus: float, gpus: float) -> None:
-    """A local run starts its own Ray sized to this machine: refuse at once (nothing started,
-    nothing written) what it cannot place, instead of a Ray sized to the request."""
-    have = local_cpus()
-    if workers * cpus > have + 1e-9:
-        raise EvomergeError(f"--workers: {workers} worker(s) × {cpus:g} CPU need "
-                            f"{workers * cpus:g} CPU but this machine has {have}; lower --workers "
-                            f"or --cpus-per-worker, or run on a cluster with --ray-address")
-    if gpus > 0:
-        import torch
-
-        from evolve.workers import _workers_on_node
-
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if _workers_on_node({"CPU": float(have), "GPU": float(count)}, cpus, gpus) < workers:
-            raise EvomergeError(f"--workers: {workers} worker(s) × {gpus:g} GPU need "
-                                f"{workers * gpus:g} GPU but this machine has {count}; lower "
-                                f"--workers or --gpus-per-worker, or run on a cluster with "
-                                f"--ray-address")
-
-
-class InputWatch:
-    """The input model folders as the search started: a folder deleted, truncated or rewritten
-    while the search runs is noticed before the next candidate and named by its genome field."""
-
-    def __init__(self, genome):
-        from merge.sources import ModelRef, resolve_folder
-
-        refs: dict[str, str] = {}
-        if genome.base_model:
-            refs[genome.base_model] = "genome.base_model"
-        for i, m in enumerate(genome.models):
-            refs.setdefault(m, f"genome.models[{i}]")
-        self.folders: dict[str, tuple[str, Path]] = {}
-        for ref, field in refs.items():
-            parsed = ModelRef.parse(ref)
-            self.folders[ref] = (field, resolve_folder(parsed, field))
-            if parsed.lora and Path(parsed.lora).is_dir():
-                self.folders[ref + " (adapter)"] = (field, Path(parsed.lora))
-        self.prints = {ref: _fingerprint(folder) for ref, (_, folder) in self.folders.items()}
-
-    def changed(self) -> Optional[str]:
-        """The first change, as `field: what; fix`, or None."""
-        for ref, before in self.prints.items():
-            field, folder = self.folders[ref]
-            now = _fingerprint(folder)
-            if now == before:
-                continue
-            if not folder.is_dir():
-                what = "was removed"
-            else:
-                gone = sorted(set(before) - set(now))
-                new = sorted(set(now) - set(before))
-                edited = sorted(n for n in set(before) & set(now) if before[n] != now[n])
-                what = ("lost " + ", ".join(gone[:3]) if gone else
-                        "changed " + ", ".join(edited[:3]) if edited else
-                        "gained " + ", ".join(new[:3]))
-            return (f"{field}: the input model '{ref.removesuffix(' (adapter)')}' {what} during "
-                    f"the search; restore it, then continue with --resume")
-        return None
-
-
-def _fingerprint(folder: Path) -> dict[str, tuple[int, int]]:
-    """Name → (size, mtime) of the files at the top of a model folder (weights, config,
-    tokenizer); symlinks (the Hugging Face cache) are followed."""
-    out = {}
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return {}
-    for e in entries:
-        if e.name.startswith("."):
-            continue
-        try:
-            st = os.stat(e.path)
-        except OSError:
-            out[e.name] = (-1, -1)        # a dangling link: the blob is gone
-            continue
-        if not os.path.isdir(e.path):
-            out[e.name] = (st.st_size, st.st_mtime_ns)
-    return out
-
-
 class Run:
     """One invocation: checks, workers, the search loop, and the outputs."""
 
@@ -233,7 +68,7 @@ class Run:
         self.seed, self.device, self.gpus = seed, device, gpus
         self.inputs = inputs
         self.bar = None
-        self.signals = _SignalGuard(self.log)
+        self.signals = SignalGuard(self.log)
         self.known_best: Optional[dict] = None   # the best recorded before this invocation
         if opts.wandb is None:    # off, as in the reference tool; on for a W&B sweep's runs
             from evolve.sweep import sweep_agent

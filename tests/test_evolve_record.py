@@ -109,7 +109,7 @@ def args_for(genome_file, project, name, *extra, fevals=FEVALS):
 def test_more_workers_than_the_machine_has_is_refused_before_ray_starts(genome_file, project):
     import ray
 
-    from evolve.run import local_cpus
+    from evolve.placement import local_cpus
 
     assert not ray.is_initialized()
     storage = project / "runs" / "too-many"
@@ -456,7 +456,7 @@ def test_signals_stop_cleanly_say_how_to_continue_and_resume_exactly(
     """SIGTERM (a scheduler, `ray job stop`) and SIGINT (Ctrl-C) to the driver alone: a clean
     stop, how to continue, no temp folder of ours left. SIGKILL cannot be handled: its Ray
     folder is removed by the next run's start. Each time --resume continues the same search."""
-    from evolve.run import sweep_stale_ray_dirs
+    from evolve.placement import sweep_stale_ray_dirs
 
     storage = project / "runs" / "signals"
     history = storage / "history.jsonl"
