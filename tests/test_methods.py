@@ -17,34 +17,18 @@ import yaml
 
 from merge.config import MergeConfig
 from merge.errors import ConfigError
-from merge.methods import METHODS, MergeInputs
+from merge.methods import METHODS
 from merge.methods import order_stats
 from merge.methods.sparsify import (LEVELS, bernoulli, chunks_of, descending_order,
                                     keep_levels, magprune, rank_values)
 from merge.plan import build_plan
 
-NAME = "model.layers.0.mlp.up_proj.weight"
+from kernel_inputs import inputs  # tests/ is on sys.path (conftest)
+
 BIG = (600, 500)          # 300k entries > order_stats.SMALL: the streaming path
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-def inputs(method, tensors, base=None, model_params=None, params=None, name=NAME, seed=0,
-           out_dtype=torch.float32) -> MergeInputs:
-    """MergeInputs with the method's declared defaults filled in, as the planner would."""
-    m = METHODS[method]
-    mp = [dict(p) for p in (model_params or [{} for _ in tensors])]
-    params = dict(params or {})
-    for spec in m.params.values():
-        if spec.required:
-            continue
-        if spec.per_model:
-            for p in mp:
-                p.setdefault(spec.name, spec.default)
-        else:
-            params.setdefault(spec.name, spec.default)
-    return MergeInputs(name, list(tensors), base, mp, params, seed, out_dtype)
-
 
 def run(method, tensors, base=None, model_params=None, params=None, **kw):
     return METHODS[method].kernel(inputs(method, tensors, base, model_params, params, **kw))

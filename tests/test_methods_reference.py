@@ -14,29 +14,19 @@ import pytest
 import torch
 
 from merge.config import MergeConfig
-from merge.methods import METHODS, MergeInputs
+from merge.methods import METHODS
 from merge.methods.magnitude_order import MagnitudeOrder
 from merge.plan import build_plan
+
+from kernel_inputs import inputs
 
 BIG = (700, 500)      # 350k entries: more than order_stats.SMALL, so thresholds are streamed
 
 
 def call(method, xs, base, model_params=None, params=None, seed=0, orders=None):
-    m = METHODS[method]
-    mp = [dict(p) for p in (model_params or [{} for _ in xs])]
-    params = dict(params or {})
-    for spec in m.params.values():
-        if spec.required:
-            continue
-        if spec.per_model:
-            for p in mp:
-                p.setdefault(spec.name, spec.default)
-        else:
-            params.setdefault(spec.name, spec.default)
-    inp = MergeInputs("model.layers.0.mlp.up_proj.weight", list(xs), base, mp, params, seed,
-                      torch.float32)
+    inp = inputs(method, xs, base, model_params, params, seed=seed)
     inp.orders = orders
-    return m.kernel(inp)
+    return METHODS[method].kernel(inp)
 
 
 def equal_magnitudes(shape, value=0.5, seed=0):
