@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from merge.errors import ConfigError, EvomergeError
 
 from evolve import fold as fold_lib
+from evolve.space import BoxSpace
 
 FIELD = "genome.layer_stacking"
 
@@ -106,7 +107,7 @@ class Hop:
     scale: float
 
 
-class DataflowSpace:
+class DataflowSpace(BoxSpace):
     """Inclusion genes (one per slot) then scale genes; decoded to a passthrough merge config."""
 
     def __init__(self, spec, stacking: LayerStacking, layer_counts: dict[str, int],
@@ -192,17 +193,10 @@ class DataflowSpace:
         return cls(spec, stacking, counts, folds)
 
     # --- the vector ----------------------------------------------------------------------------
-    @property
-    def dim(self) -> int:
-        return len(self.genes)
-
     def initial_vector(self, random: bool = False, seed: int = 0) -> list[float]:
         """The first model's layers once (scales 1), or a uniform random point."""
         if random:
-            import numpy as np
-
-            rng = np.random.default_rng(seed)
-            return [float(rng.uniform(lo, hi)) for lo, hi in zip(self.lower, self.upper)]
+            return self.random_point(seed)
         first = self.models[0]
         on = self.stacking.start == "first_model"
         x = [0.5 if on and t < self.M and self.layers[t].model == first else -0.5
@@ -211,9 +205,6 @@ class DataflowSpace:
         span = hi - lo
         x += [float(min(max(1.0, lo + 0.1 * span), hi - 0.1 * span))] * self.n_scales
         return x
-
-    def clip(self, x) -> list[float]:
-        return [float(min(max(v, lo), hi)) for v, lo, hi in zip(x, self.lower, self.upper)]
 
     # --- decoding ------------------------------------------------------------------------------
     def slots(self, x) -> list[int]:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from merge.errors import ConfigError
 
+from evolve.space import BoxSpace
 from evolve.vllm_backend import VllmSettings   # pydantic only: vLLM itself is not imported
 
 # Ranges used when neither the user nor the method registry bounds a parameter. A range is what
@@ -200,7 +201,7 @@ class EvolvedParam:
     high: float
 
 
-class GenomeSpace:
+class GenomeSpace(BoxSpace):
     """The vector space CMA-ES searches, and its decoder to (and encoder from) merge configs."""
 
     def __init__(self, spec: GenomeSpec, method, num_layers: int):
@@ -401,17 +402,10 @@ class GenomeSpace:
         return static
 
     # --- the vector ----------------------------------------------------------------------------
-    @property
-    def dim(self) -> int:
-        return len(self.genes)
-
     def initial_vector(self, random: bool = False, seed: int = 0) -> list[float]:
         """An even mix (weights 1/N, density and t at 0.5), or a uniform random point."""
         if random:
-            import numpy as np
-
-            rng = np.random.default_rng(seed)
-            return [float(rng.uniform(lo, hi)) for lo, hi in zip(self.lower, self.upper)]
+            return self.random_point(seed)
         x = []
         for gene, lo, hi in zip(self.genes, self.lower, self.upper):
             if gene.param == "weight":
@@ -425,9 +419,6 @@ class GenomeSpace:
             span = hi - lo
             x.append(float(min(max(v, lo + 0.1 * span), hi - 0.1 * span)))
         return x
-
-    def clip(self, x) -> list[float]:
-        return [float(min(max(v, lo), hi)) for v, lo, hi in zip(x, self.lower, self.upper)]
 
     # --- decoding ------------------------------------------------------------------------------
     def decode(self, x) -> dict[str, Any]:
