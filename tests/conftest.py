@@ -23,6 +23,18 @@ def family(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def space(family):
+    """The genome space of a TIES search over c0 and c1 with base, genes per 2 layers (a module
+    may define its own `space`)."""
+    from evolve.genome import GenomeSpace, parse_evolve_config
+
+    genome = {"models": [str(family["c0"]), str(family["c1"])], "merge_method": "ties",
+              "base_model": str(family["base"]), "layer_granularity": 2}
+    return GenomeSpace.build(parse_evolve_config({"genome": genome,
+                                                  "tasks": [{"name": "t"}]}).genome)
+
+
+@pytest.fixture(scope="session")
 def family_bf16(tmp_path_factory) -> dict[str, Path]:
     import torch
 

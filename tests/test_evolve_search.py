@@ -15,14 +15,6 @@ from evolve.storage import RunStore
 from merge.errors import EvomergeError
 
 
-@pytest.fixture(scope="module")
-def space(family):
-    genome = {"models": [str(family["c0"]), str(family["c1"])], "merge_method": "ties",
-              "base_model": str(family["base"]), "layer_granularity": 2}
-    return GenomeSpace.build(parse_evolve_config({"genome": genome,
-                                                  "tasks": [{"name": "t"}]}).genome)
-
-
 TARGET = 0.8
 
 

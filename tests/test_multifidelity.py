@@ -9,20 +9,11 @@ import random
 import pytest
 
 from evolve.fidelity import FidelityPlan, make_plan, optimizer_values
-from evolve.genome import GenomeSpace, parse_evolve_config
 from evolve.search import Search, SearchOptions
 from evolve.storage import RunStore
 
 N_ITEMS = 64
 TARGET = 0.8
-
-
-@pytest.fixture(scope="module")
-def space(family):
-    genome = {"models": [str(family["c0"]), str(family["c1"])], "merge_method": "ties",
-              "base_model": str(family["base"]), "layer_granularity": 2}
-    return GenomeSpace.build(parse_evolve_config({"genome": genome,
-                                                  "tasks": [{"name": "t"}]}).genome)
 
 
 def item_score(config: dict, item: int) -> float:
