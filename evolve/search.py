@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 from merge.errors import EvomergeError
 
 from evolve.genome import GenomeSpace
+from evolve.signals import held
 from evolve.storage import RunStore
 
 Evaluator = Callable[[list[tuple[int, dict]], Callable[[], bool]], Iterator[tuple[int, dict]]]
@@ -168,10 +169,11 @@ class Search:
                 if stop:
                     reason = "converged (" + ", ".join(stop) + ")"
                     break
-                self.state["es_blob"] = self._snapshot()
-                self._asked_arrays = self.es.ask()
-                self.state["asked"] = [list(map(float, x)) for x in self._asked_arrays]
-                self.store.save_checkpoint(self.state)
+                with held():
+                    self.state["es_blob"] = self._snapshot()
+                    self._asked_arrays = self.es.ask()
+                    self.state["asked"] = [list(map(float, x)) for x in self._asked_arrays]
+                    self.store.save_checkpoint(self.state)
             g, asked = self.generation, self.state["asked"]
             plan = opts.fidelity if opts.fidelity is not None and opts.fidelity.multi else None
             rung0 = {r["index"]: r for r in self.history
@@ -204,27 +206,28 @@ class Search:
                     reason = "timeout" if timed_out() else "max-fevals"
                     break
                 records = [rung1.get(i, rung0[i]) for i in range(len(asked))]
-            if plan or opts.goals:
-                from evolve import fidelity, pareto
+            with held():     # told, counted and checkpointed together, or not at all
+                if plan or opts.goals:
+                    from evolve import fidelity, pareto
 
-                entries = [{"fitness": r.get("fitness"), "full": r.get("full", True),
-                            "scores": r.get("scores")} for r in records]
-                values = (pareto.optimizer_values(entries, opts.goals) if opts.goals
-                          else fidelity.optimizer_values(entries))
-                self.es.tell(self._asked_arrays, values)
-            else:
-                # Penalties are relative to everything seen so far: a failure always ranks last.
-                penalties = objective_values(self.history)
-                by_key = {(r["generation"], r["index"]): v
-                          for r, v in zip(self.history, penalties)}
-                self.es.tell(self._asked_arrays, [by_key[(g, i)] for i in range(len(asked))])
-            stats = self._stats(g, records)
-            self.stats.append(stats)
-            self.state["generation"] = g + 1
-            self.state["asked"] = None
-            self._asked_arrays = None
-            self.state["es_blob"] = self._snapshot()
-            self.store.save_checkpoint(self.state)
+                    entries = [{"fitness": r.get("fitness"), "full": r.get("full", True),
+                                "scores": r.get("scores")} for r in records]
+                    values = (pareto.optimizer_values(entries, opts.goals) if opts.goals
+                              else fidelity.optimizer_values(entries))
+                    self.es.tell(self._asked_arrays, values)
+                else:
+                    # Penalties are relative to everything seen so far: a failure always ranks last.
+                    penalties = objective_values(self.history)
+                    by_key = {(r["generation"], r["index"]): v
+                              for r, v in zip(self.history, penalties)}
+                    self.es.tell(self._asked_arrays, [by_key[(g, i)] for i in range(len(asked))])
+                stats = self._stats(g, records)
+                self.stats.append(stats)
+                self.state["generation"] = g + 1
+                self.state["asked"] = None
+                self._asked_arrays = None
+                self.state["es_blob"] = self._snapshot()
+                self.store.save_checkpoint(self.state)
             on_generation(stats)
         return Outcome(reason, self.fevals, self.generation, self.best())
 
@@ -243,9 +246,10 @@ class Search:
                 record["rung"] = rung
                 record["items"] = plan.describe_items(g, rung)
                 record["full"] = not plan.multi or rung == 1
-            self.store.append(record)
-            self.history.append(record)
-            done[i] = record
+            with held():     # the file and the search's list agree whenever a stop comes
+                self.store.append(record)
+                self.history.append(record)
+                done[i] = record
             on_record(record)
 
     def _record(self, g: int, i: int, genome: list[float], config: dict, result: dict) -> dict:
