@@ -165,12 +165,13 @@ class DataflowSpace(BoxSpace):
             open_model = ModelSource.open
         from merge import architecture
 
-        counts, folds, types = {}, {}, {}
+        counts, folds, types, dtypes = {}, {}, {}, {}
         for i, ref in enumerate(spec.models):
             src = open_model(ref, f"genome.models[{i}]")
             arch = architecture.infer(src.config, list(src.tensors), f"genome.models[{i}]")
             counts[ref] = layer_count(ref) if layer_count else arch.num_layers
             types[ref] = arch.model_type
+            dtypes[ref] = "/".join(sorted({getattr(t, "dtype", "?") for t in src.tensors.values()}))
             if stacking.scales == "none":
                 folds[ref] = None
                 continue
@@ -190,7 +191,14 @@ class DataflowSpace(BoxSpace):
             desc = ", ".join(f"{r}={t}" for r, t in types.items())
             raise ConfigError("genome.models", f"a layer path mixes architectures ({desc}); "
                                                f"use models of one family")
-        return cls(spec, stacking, counts, folds)
+        space = cls(spec, stacking, counts, folds)
+        if len(set(dtypes.values())) > 1 and not spec.dtype:
+            desc = ", ".join(f"{short_name(r)} {d}" for r, d in dtypes.items())
+            space.notes.append(f"the models are stored in different dtypes ({desc}): a candidate "
+                               f"mixes them, and its scaled layers are rounded twice in memory; "
+                               f"set genome.dtype for candidates that equal their checkpoint bit "
+                               f"for bit")
+        return space
 
     # --- the vector ----------------------------------------------------------------------------
     def initial_vector(self, random: bool = False, seed: int = 0) -> list[float]:

@@ -68,6 +68,17 @@ class PathModels:
             self.ensure(ref)
         self.last_new_bytes = 0     # bytes of tensors made for the last candidate (the scaled ones)
 
+    @classmethod
+    def for_config(cls, config, device: str = "cpu", trust_remote_code: bool = False):
+        """Models loaded in the dtype the config's checkpoint has (what mergekit-yaml writes for
+        it), so a path model computes what the checkpoint does, also over mixed-dtype inputs."""
+        from merge.engine import _torch_dtype
+
+        models = cls([], device=device, trust_remote_code=trust_remote_code)
+        out = models.plan(config).out_config
+        models.dtype = _torch_dtype(out.get("dtype") or out.get("torch_dtype"))  # 5.x, 4.x
+        return models
+
     def _add(self, ref: str, model) -> None:
         self.models[ref] = model
         self.reader.states[ref] = model.state_dict()
@@ -123,6 +134,7 @@ class PathModels:
                     if tp is None or float(tp.model_params[0].get("scale", 1.0)) == 1.0:
                         continue
                     t = merge_tensor(plan, tp, self.reader, None)
+                    t = t.to(layer.get_parameter(rest).dtype)   # the dtype the models loaded in
                     new_bytes += t.numel() * t.element_size()
                     _set_param(layer, rest, torch.nn.Parameter(t, requires_grad=False))
             layers.append(layer)
@@ -185,13 +197,11 @@ def start_hf(spec):
     """The Hugging Face backend of a data-flow worker: (scorer, load(MergeConfig)). The models of
     the initial path load at start; any other is loaded the first time a candidate uses it."""
     from merge.config import MergeConfig
-    from merge.engine import _torch_dtype
 
     from evolve.fitness import Scorer
 
     config = MergeConfig.from_dict(spec.initial_config)
-    models = PathModels([], device=spec.device, trust_remote_code=spec.trust_remote_code)
-    models.dtype = _torch_dtype(models.plan(config).out_config.get("torch_dtype"))
+    models = PathModels.for_config(config, spec.device, spec.trust_remote_code)
     model = models.build(config)
     scorer = Scorer(model, models.tokenizer(config, spec.trust_remote_code), spec.eval)
 
