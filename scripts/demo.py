@@ -99,8 +99,11 @@ def print_table(rows: list[tuple[str, dict]]) -> str:
 
 
 # --- the data-flow demo (--dataflow) -------------------------------------------------------------
-COMPOSITION = "revcip"                       # reverse, then cipher: "rvc: abc =" -> " dcb"
-COMPOSED = ("reverse", "cipher")             # the specialists whose skills it composes
+# Its own family (scripts/make_stage_family.py): a base that copies, and two specialists whose
+# middle layer maps every letter (cipher: shift by one; atbash: a<->z). The task is the composition,
+# cipher then atbash ("map: abc =" -> " yxw"), which no member was trained for.
+COMPOSITION = "cipatb"
+COMPOSED = ("cipher", "atbash")             # the specialists whose skills it composes
 FIT = f"demo_{COMPOSITION}_fit"
 HELDOUT = f"demo_{COMPOSITION}_heldout"
 # Fitness: the mean log-likelihood of the whole answer (the task's `perplexity` metric with mean
@@ -124,6 +127,9 @@ def dataflow_genomes(family: dict[str, Path], ps_model: Optional[Path]) -> dict[
                                    "layer_stacking": {"repeats": 3, "min_layers": 2,
                                                       "max_layers": 12, "scales": "models"}}}
     for g in out.values():
+        # float32 throughout: the PS result then has the specialists' dtype, so every PS+DFS
+        # candidate is one dtype and equals its checkpoint bit for bit
+        g["genome"]["dtype"] = "float32"
         g["tasks"] = FIT_TASKS
     return out
 
@@ -170,7 +176,8 @@ def dataflow_demo(args, family: dict[str, Path], out: Path, t0: float) -> int:
 
     root = out / "dataflow"
     seeds = list(range(args.seeds))
-    print(f"[2/3] searches on '{COMPOSITION}' (reverse, then cipher), seeds {seeds}: PS, DFS, "
+    t_family = time.time() - t0
+    print(f"[2/3] searches on '{COMPOSITION}' (cipher, then atbash), seeds {seeds}: PS, DFS, "
           f"PS+DFS", flush=True)
     for seed in seeds:
         ps = root / f"ps-seed{seed}"
@@ -178,7 +185,7 @@ def dataflow_demo(args, family: dict[str, Path], out: Path, t0: float) -> int:
         genomes = dataflow_genomes(family, ps / "best_model")
         search(genomes["dfs"], root / f"dfs-seed{seed}", seed, args)
         search(genomes["psdfs"], root / f"psdfs-seed{seed}", seed, args)
-    t_search = time.time() - t0
+    t_search = time.time() - t0 - t_family
 
     print("[3/3] held-out evaluation of the composition (items the searches never saw)",
           flush=True)
@@ -186,7 +193,8 @@ def dataflow_demo(args, family: dict[str, Path], out: Path, t0: float) -> int:
     include = mirror_search_paths(default_search_paths(), out / ".tasks")
     tok = AutoTokenizer.from_pretrained(family["base"])
     rows: list[tuple[str, dict]] = []
-    for label, path in [("base", family["base"])] + [(f"parent: {s}", family[s]) for s in SKILLS]:
+    for label, path in [("base", family["base"])] + [(f"parent: {s}", family[s])
+                                                     for s in COMPOSED]:
         rows.append((label, composition_scores(AutoModelForCausalLM.from_pretrained(path).eval(),
                                                tok, include)))
     uniform = MergeConfig.from_dict({
@@ -205,7 +213,7 @@ def dataflow_demo(args, family: dict[str, Path], out: Path, t0: float) -> int:
             if kind != "ps":   # the search's own in-memory path model scores the same
                 cfg = MergeConfig.from_dict(yaml.safe_load(
                     (storage / "best_config.yaml").read_text()))
-                live = PathModels([]).build(cfg)
+                live = PathModels.for_config(cfg).build(cfg)
                 checks.append((f"{label}, seed {seed}", sc, composition_scores(live, tok, include),
                                stock.config.num_hidden_layers))
     lines = [f"{'model':34s}{'exact match':>12s}{'mean loglik':>13s}", "-" * 59]
@@ -231,7 +239,7 @@ def dataflow_demo(args, family: dict[str, Path], out: Path, t0: float) -> int:
         same = "same" if stock == live else "DIFFERENT"
         print(f"{label}: from_pretrained {stock['acc']:.3f}/{stock['ll']:.4f}, in-search path "
               f"model {live['acc']:.3f}/{live['ll']:.4f} ({same}; {depth} layers)")
-    print(f"searches {t_search:.0f} s, all {time.time() - t0:.0f} s")
+    print(f"family {t_family:.0f} s, searches {t_search:.0f} s, all {time.time() - t0:.0f} s")
     return 0
 
 
@@ -240,25 +248,34 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "demo_out")
     p.add_argument("--seed", type=int, default=0, help="search seed")
     p.add_argument("--family-seed", type=int, default=0)
-    p.add_argument("--max-fevals", type=int, default=64)
-    p.add_argument("--popsize", type=int, default=8)
+    p.add_argument("--max-fevals", type=int, help="evaluations per search (64; --dataflow: 160)")
+    p.add_argument("--popsize", type=int, help="candidates per generation (8; --dataflow: 16)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a small family and budget (CI-sized)")
     p.add_argument("--dataflow", action="store_true",
                    help="the data-flow demo: PS, DFS and PS+DFS on a compositional task")
     p.add_argument("--seeds", type=int, default=3, help="--dataflow: search seeds 0..N-1")
     args = p.parse_args(argv)
+    if args.max_fevals is None:
+        args.max_fevals = 160 if args.dataflow else 64
+    if args.popsize is None:
+        args.popsize = 16 if args.dataflow else 8
     os.environ.setdefault("WANDB_MODE", "offline")
     t0 = time.time()
 
+    out = args.out.resolve()
+    if args.dataflow:
+        from make_stage_family import build_stage_family
+
+        print(f"[1/3] staged demo family in {out / 'stage_family'} (built once, then reused)",
+              flush=True)
+        family = build_stage_family(out / "stage_family", seed=args.family_seed)
+        return dataflow_demo(args, family, out, t0)
+
     from make_demo_family import build_family
 
-    out = args.out.resolve()
     print(f"[1/3] demo family in {out / 'family'} (built once, then reused)", flush=True)
     family = build_family(out / "family", seed=args.family_seed, quick=args.quick)
-
-    if args.dataflow:
-        return dataflow_demo(args, family, out, t0)
     print("[2/3] evolutionary search (CMA-ES, local Ray, lm-eval HF backend, W&B offline)",
           flush=True)
     storage = out / f"evolve-seed{args.seed}"

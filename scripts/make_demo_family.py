@@ -150,32 +150,6 @@ def make_eval_items() -> dict[tuple[str, str], list[dict]]:
     return items
 
 
-# Compositional tasks (the data-flow demo, scripts/demo.py --dataflow): two skills in a row, which
-# no member of the family was trained for. Their inputs are the skills' own evaluation inputs
-# (fit for fit, held-out for held-out), so they too were never trained on, and adding them changed
-# neither the training data nor the family recipe.
-COMPOSITIONS = {"revcip": ("reverse", "cipher")}   # name -> skills, applied left to right
-PREFIX["revcip"] = "rvc"
-
-
-def apply_composition(name: str, s: str) -> str:
-    for skill in COMPOSITIONS[name]:
-        s = apply_skill(skill, s)
-    return s
-
-
-def make_composition_items() -> dict[tuple[str, str], list[dict]]:
-    """{(composition, split): rows}, from the first skill's evaluation inputs of that split."""
-    items = make_eval_items()
-    out = {}
-    for name, skills in COMPOSITIONS.items():
-        for split in SPLIT_SIZES:
-            out[(name, split)] = [{"input": r["input"], "prompt": f"{PREFIX[name]}: {r['input']} =",
-                                   "answer": apply_composition(name, r["input"])}
-                                  for r in items[(skills[0], split)]]
-    return out
-
-
 def eval_inputs() -> frozenset[str]:
     return frozenset(r["input"] for rows in make_eval_items().values() for r in rows)
 
@@ -431,8 +405,9 @@ metadata:
   version: {version}
 """
 
-# A compositional task also reports the mean log-likelihood of the whole answer (lm-eval's
-# `perplexity` metric with mean aggregation): a smooth fitness where exact match is all zeros.
+# A compositional task (scripts/make_stage_family.py) also reports the mean log-likelihood of the
+# whole answer (lm-eval's `perplexity` metric with mean aggregation): a smooth fitness where exact
+# match is all zeros.
 COMPOSITION_TEMPLATE = TASK_TEMPLATE.replace("""    higher_is_better: true
 metadata""", """    higher_is_better: true
   - metric: perplexity        # per item: the answer's log-likelihood; mean: their average
@@ -467,13 +442,6 @@ def write_tasks(tasks_dir: Path = DEFAULT_TASKS_DIR) -> list[Path]:
         f.write_text("".join(json.dumps(r) + "\n" for r in rows))
         y = tasks_dir / f"{task}.yaml"
         y.write_text(TASK_TEMPLATE.format(task=task, version=TASKS_VERSION))
-        written += [f, y]
-    for (name, split), rows in make_composition_items().items():
-        task = f"demo_{name}_{split}"
-        f = data_dir / f"{task}.jsonl"
-        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        y = tasks_dir / f"{task}.yaml"
-        y.write_text(COMPOSITION_TEMPLATE.format(task=task, version=1))
         written += [f, y]
     for split in SPLIT_SIZES:
         y = tasks_dir / f"demo_{split}.yaml"

@@ -2,6 +2,7 @@
 models, and one tiny real search (docs/evolve.md, "Data-flow search")."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -268,6 +269,30 @@ def test_in_memory_path_equals_the_checkpoint_and_shares_tensors(tmp_path, famil
         assert torch.equal(model(input_ids=IDS).logits, disk)
 
 
+def test_mixed_dtype_models_load_in_the_checkpoint_dtype(tmp_path):
+    """A float32 model and a bfloat16 one (a PS result next to a specialist): with genome.dtype the
+    candidate built in memory, as a worker builds it, is the checkpoint bit for bit; without it the
+    space says why it cannot be."""
+    from evolve.path_model import PathModels
+
+    a = tinymodels.build_model(tmp_path / "a", arch="llama", seed=0, rms_norm_eps=1e-12)
+    b = tinymodels.perturb(a, tmp_path / "b", seed=7, scale=0.05, dtype=torch.bfloat16)
+    fam = {"a": a, "b": b}
+    assert "different dtypes" in " ".join(_space([str(a), str(b)]).notes)
+    spec = GenomeSpec(models=[str(a), str(b)], merge_method="passthrough", layer_stacking=True,
+                      dtype="bfloat16")
+    space = GenomeSpace.build(spec)
+    assert not any("dtypes" in n for n in space.notes)
+    cfg = MergeConfig.from_dict(space.config_for(_hops(space, fam)))
+    disk = _logits(_merge(cfg.model_dump(mode="json", exclude_none=True), tmp_path / "out"))
+    models = PathModels.for_config(cfg)
+    assert models.dtype == torch.bfloat16
+    model = models.build(cfg)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, disk)
+
+
 # --- workers: HF and vLLM (stand-ins, as in tests/test_vllm_backend.py) --------------------------
 from test_vllm_backend import StandInEngine, StandInWorker, fake_lm_eval_vllm  # noqa: E402,F401
 
@@ -399,21 +424,62 @@ def test_dataflow_search_end_to_end(ray_session, family, toy_task_dir, tmp_path,
 
 
 # --- the demo's compositional task --------------------------------------------------------------
-def test_compositional_task_items_are_untrained_and_split():
+def _stage_family_module():
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    import make_demo_family as demo
+    import make_stage_family
 
-    items = demo.make_composition_items()
-    fit, held = items[("revcip", "fit")], items[("revcip", "heldout")]
-    assert (len(fit), len(held)) == (demo.SPLIT_SIZES["fit"], demo.SPLIT_SIZES["heldout"])
-    assert not {r["input"] for r in fit} & {r["input"] for r in held}
-    assert {r["input"] for r in fit + held} <= demo.eval_inputs()    # never trained on
+    return make_stage_family
+
+
+def test_compositional_task_items_are_untrained_and_split():
+    sf = _stage_family_module()
+    items = sf.make_eval_items()
+    fit, held = items[(sf.COMPOSITION, "fit")], items[(sf.COMPOSITION, "heldout")]
+    assert (len(fit), len(held)) == (60, 100)
+    every = [r["input"] for rows in items.values() for r in rows]
+    assert len(every) == len(set(every))                  # no item in two splits or tasks
     r = fit[0]
-    assert r["prompt"] == f"rvc: {r['input']} ="
-    assert r["answer"] == demo.apply_skill("cipher", r["input"][::-1])
-    assert demo.make_composition_items() == items                  # deterministic
+    assert r["prompt"] == f"map: {r['input']} ="
+    assert r["answer"] == sf.apply_map("atbash", sf.apply_map("cipher", r["input"]))
+    assert sf.apply_map("cipatb", "abz") == "yxz"         # a->b->y, b->c->x, z->a->z
+    assert sf.make_eval_items() == items                  # deterministic
+    # the committed task files are what the module writes
+    tasks = Path(__file__).resolve().parent.parent / "eval_tasks"
+    rows = [json.loads(x) for x in (tasks / "data" / "demo_cipatb_heldout.jsonl").read_text()
+            .splitlines()]
+    assert rows == held
+
+
+def test_stage_family_trains_on_the_paths_the_search_builds(tmp_path):
+    """The staged family's training forward over a layer path (make_stage_family.run_path) is
+    the model the search assembles for that path, and a stage path passes its middle layer once."""
+    import random
+
+    from evolve.path_model import PathModels
+
+    sf = _stage_family_module()
+    torch.manual_seed(0)
+    model = sf.make_model(sf.ModelShape(layers=4, hidden=16, heads=2, intermediate=32)).eval()
+    sf._save(model, sf.make_tokenizer(), tmp_path / "m")
+    ids, _ = sf.batch("cipher", ["abc", "hello"])
+    with torch.no_grad():
+        assert torch.equal(sf.run_path(model, ids, [0, 1, 2, 3])[0],
+                           model(input_ids=ids, use_cache=False).logits[:, :-1])
+        path = [0, 1, 1, 3, 2]
+        cfg = MergeConfig.from_dict({"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": str(tmp_path / "m"), "layer_range": [i, i + 1]}]}
+            for i in path]})
+        built = PathModels.for_config(cfg).build(cfg)
+        assert torch.equal(sf.run_path(model, ids, path)[0],
+                           built(input_ids=ids, use_cache=False).logits[:, :-1])
+    recipe = sf.RECIPE
+    gen = random.Random(0)
+    for _ in range(200):
+        path, at = sf._stage_path(gen, recipe)
+        assert path.count(recipe.map_layer) == 1 and path[at] == recipe.map_layer
+    assert len(model.model.layers) == 4         # run_path puts the model's own layers back
 
 
 def test_cli_dry_run_and_one_line_errors(family, tmp_path, make_genome, capsys):
