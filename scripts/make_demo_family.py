@@ -348,12 +348,17 @@ def _train_family(recipe: Recipe, seed: int, paths: dict[str, Path]) -> None:
 
 def build_family(out_dir, seed: int = 0, quick: bool = False, force: bool = False) -> dict[str, Path]:
     """Train (or reuse) the family under `out_dir`; returns {"base": path, "cipher": path, ...}.
-
-    Deterministic given (seed, quick, RECIPE_VERSION). A folder whose manifest matches is reused;
-    the manifest is written last, so an interrupted build is never mistaken for a complete one."""
-    out_dir = Path(out_dir)
+    Deterministic given (seed, quick, RECIPE_VERSION)."""
     recipe = QUICK if quick else FULL
-    want = _manifest(seed, quick, recipe)
+    return build_cached(out_dir, _manifest(seed, quick, recipe),
+                        lambda paths: _train_family(recipe, seed, paths), force)
+
+
+def build_cached(out_dir, want: dict, train, force: bool = False) -> dict[str, Path]:
+    """{member: folder} for the manifest `want`, trained by `train(paths)` unless a folder whose
+    manifest matches is there. The manifest is written last, so an interrupted build is never
+    mistaken for a complete one."""
+    out_dir = Path(out_dir)
     paths = {m: out_dir / m for m in want["members"]}
     if not force and _cached(out_dir, want):
         return paths
@@ -372,11 +377,11 @@ def build_family(out_dir, seed: int = 0, quick: bool = False, force: bool = Fals
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _train_family(recipe, seed, paths)
+        train(paths)
     finally:
         torch.set_num_threads(threads)
 
-    want["build_seconds"] = round(time.time() - t0, 1)
+    want = {**want, "build_seconds": round(time.time() - t0, 1)}
     (out_dir / MANIFEST).write_text(json.dumps(want, indent=2) + "\n")
     return paths
 
@@ -456,11 +461,15 @@ def load_rows(task: str, tasks_dir: Path = DEFAULT_TASKS_DIR) -> list[dict]:
     return [json.loads(line) for line in (Path(tasks_dir) / "data" / f"{task}.jsonl").read_text().splitlines()]
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, help="folder for the family (base/, cipher/, reverse/, double/)")
+def family_cli(argv, doc: str, members: str, write, build, quick: bool = True,
+               report=lambda paths: None) -> None:
+    """The command line of a family script: --out DIR builds (or reuses) it, --write-tasks
+    writes its lm-eval tasks; `report(paths)` prints anything more about a built family."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, help=f"folder for the family ({members})")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="small fast family (for tests)")
+    if quick:
+        ap.add_argument("--quick", action="store_true", help="small fast family (for tests)")
     ap.add_argument("--force", action="store_true", help="rebuild even if a matching family exists")
     ap.add_argument("--write-tasks", action="store_true", help="(re)write the lm-eval task data and YAMLs")
     ap.add_argument("--tasks-dir", type=Path, default=DEFAULT_TASKS_DIR)
@@ -468,14 +477,20 @@ def main(argv=None) -> None:
     if not args.out and not args.write_tasks:
         ap.error("give --out DIR and/or --write-tasks")
     if args.write_tasks:
-        for p in write_tasks(args.tasks_dir):
+        for p in write(args.tasks_dir):
             print(p)
     if args.out:
         t0 = time.time()
-        paths = build_family(args.out, seed=args.seed, quick=args.quick, force=args.force)
+        extra = {"quick": args.quick} if quick else {}
+        paths = build(args.out, seed=args.seed, force=args.force, **extra)
         print(f"family ready in {time.time() - t0:.1f}s:")
         for name, p in paths.items():
             print(f"  {name:8s} {p}")
+        report(paths)
+
+
+def main(argv=None) -> None:
+    family_cli(argv, __doc__, "base/, cipher/, reverse/, double/", write_tasks, build_family)
 
 
 if __name__ == "__main__":

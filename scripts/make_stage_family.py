@@ -30,12 +30,9 @@ Usage:
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import random
-import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,9 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from make_demo_family import (COMPOSITION_TEMPLATE, DEFAULT_TASKS_DIR, LETTERS, MANIFEST, MAX_LEN,
-                              MIN_LEN, PAD_ID, SPLIT_SIZES, TASK_TEMPLATE, _cached, _pad, _save,
-                              make_model, make_tokenizer, prompt_answer_ids)
+from make_demo_family import (COMPOSITION_TEMPLATE, DEFAULT_TASKS_DIR, LETTERS, MAX_LEN, MIN_LEN,
+                              PAD_ID, SPLIT_SIZES, TASK_TEMPLATE, _pad, _save, build_cached,
+                              family_cli, make_model, make_tokenizer, prompt_answer_ids)
 from make_demo_family import Recipe as ModelShape
 
 RECIPE_VERSION = 2          # bump whenever anything that changes the trained weights changes
@@ -257,28 +254,10 @@ def _train_family(recipe: Recipe, seed: int, paths: dict[str, Path]) -> None:
 
 def build_stage_family(out_dir, seed: int = 0, force: bool = False) -> dict[str, Path]:
     """Train (or reuse) the family under `out_dir`: {"base": path, "cipher": path, "atbash": path}.
-    Deterministic given (seed, RECIPE_VERSION); the manifest is written last."""
-    out_dir = Path(out_dir)
+    Deterministic given (seed, RECIPE_VERSION)."""
     want = {"recipe_version": RECIPE_VERSION, "kind": "stages", "seed": seed,
             "recipe": asdict(RECIPE), "members": ["base", *SKILLS]}
-    paths = {m: out_dir / m for m in want["members"]}
-    if not force and _cached(out_dir, want):
-        return paths
-    t0 = time.time()
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    for p in paths.values():
-        if p.exists():
-            shutil.rmtree(p)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)      # reproducible weights, and no barrier stalls on a busy machine
-    try:
-        _train_family(RECIPE, seed, paths)
-    finally:
-        torch.set_num_threads(threads)
-    want["build_seconds"] = round(time.time() - t0, 1)
-    (out_dir / MANIFEST).write_text(json.dumps(want, indent=2) + "\n")
-    return paths
+    return build_cached(out_dir, want, lambda paths: _train_family(RECIPE, seed, paths), force)
 
 
 # --- lm-eval tasks --------------------------------------------------------------------------------
@@ -303,34 +282,19 @@ def write_tasks(tasks_dir: Path = DEFAULT_TASKS_DIR) -> list[Path]:
     return written
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, help="folder for the family (base/, cipher/, atbash/)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--force", action="store_true", help="rebuild even if a matching one exists")
-    ap.add_argument("--write-tasks", action="store_true", help="(re)write the lm-eval tasks")
-    ap.add_argument("--tasks-dir", type=Path, default=DEFAULT_TASKS_DIR)
-    args = ap.parse_args(argv)
-    if not args.out and not args.write_tasks:
-        ap.error("give --out DIR and/or --write-tasks")
-    if args.write_tasks:
-        for p in write_tasks(args.tasks_dir):
-            print(p)
-    if args.out:
-        t0 = time.time()
-        paths = build_stage_family(args.out, seed=args.seed, force=args.force)
-        print(f"family ready in {time.time() - t0:.1f}s:")
-        items = make_eval_items()
-        for name, p in paths.items():
-            print(f"  {name:8s} {p}")
-        from transformers import AutoModelForCausalLM
+def _report(paths: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM
 
-        models = {k: AutoModelForCausalLM.from_pretrained(p).eval() for k, p in paths.items()}
-        for k, m in models.items():
-            print(f"  {k:8s} held-out exact match: " + ", ".join(
-                f"{s} {exact_match(m, items[(s, 'heldout')]):.2f}"
-                for s in (*SKILLS, COMPOSITION)))
+    items = make_eval_items()
+    for name, path in paths.items():
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        print(f"  {name:8s} held-out exact match: " + ", ".join(
+            f"{s} {exact_match(model, items[(s, 'heldout')]):.2f}" for s in (*SKILLS, COMPOSITION)))
+
+
+def main(argv=None) -> None:
+    family_cli(argv, __doc__, "base/, cipher/, atbash/", write_tasks, build_stage_family,
+               quick=False, report=_report)
 
 
 if __name__ == "__main__":
