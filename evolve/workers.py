@@ -487,8 +487,10 @@ class WorkerPool:
                 if stopping and stop_at is None:
                     stop_at = time.monotonic() + grace
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.TICK)
+                # every turn, not only when idle: the workers of a node whose raylet died keep
+                # answering for a while, and a stream of results must not hide that
+                self.health.check()
                 if not ready:
-                    self.health.check()
                     now = time.monotonic()
                     if stop_at is not None and now > stop_at:
                         self.log(f"--timeout: abandoning {len(in_flight)} evaluation(s) still "
