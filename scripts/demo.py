@@ -61,9 +61,29 @@ def heldout_scores(model, tokenizer, include_dir: Path, limit=None) -> dict[str,
     return out
 
 
+def reference_rows(family: dict[str, Path], members, score) -> list[tuple[str, dict]]:
+    """(label, score(model)) for the base, each parent in `members` and their uniform
+    task-arithmetic merge: what an evolved model is judged against."""
+    from transformers import AutoModelForCausalLM
+
+    from merge.config import MergeConfig
+    from merge.engine import InMemoryMerger
+
+    rows = [(label, score(AutoModelForCausalLM.from_pretrained(path).eval()))
+            for label, path in [("base", family["base"])]
+            + [(f"parent: {m}", family[m]) for m in members]]
+    uniform = MergeConfig.from_dict({
+        "merge_method": "task_arithmetic", "base_model": str(family["base"]),
+        "models": [{"model": str(family[m]), "parameters": {"weight": UNIFORM_WEIGHT}}
+                   for m in members]})
+    rows.append((f"uniform task arithmetic ({UNIFORM_WEIGHT})",
+                 score(InMemoryMerger().build_model(uniform))))
+    return rows
+
+
 def judge(family: dict[str, Path], storage: Path, out: Path) -> list[tuple[str, dict]]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from evolve.tasks import default_search_paths, mirror_search_paths
     from merge.config import MergeConfig
@@ -72,16 +92,7 @@ def judge(family: dict[str, Path], storage: Path, out: Path) -> list[tuple[str, 
     torch.set_num_threads(2)
     include = mirror_search_paths(default_search_paths(), out / ".tasks")
     tok = AutoTokenizer.from_pretrained(family["base"])
-    rows = []
-    for label, path in [("base", family["base"])] + [(f"parent: {s}", family[s]) for s in SKILLS]:
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
-        rows.append((label, heldout_scores(model, tok, include)))
-    uniform = MergeConfig.from_dict({
-        "merge_method": "task_arithmetic", "base_model": str(family["base"]),
-        "models": [{"model": str(family[s]), "parameters": {"weight": UNIFORM_WEIGHT}}
-                   for s in SKILLS]})
-    rows.append((f"uniform task arithmetic ({UNIFORM_WEIGHT})",
-                 heldout_scores(InMemoryMerger().build_model(uniform), tok, include)))
+    rows = reference_rows(family, SKILLS, lambda model: heldout_scores(model, tok, include))
     best = MergeConfig.from_dict(yaml.safe_load((storage / "best_config.yaml").read_text()))
     rows.append(("evolved (best_config.yaml)",
                  heldout_scores(InMemoryMerger().build_model(best), tok, include)))
@@ -172,7 +183,6 @@ def dataflow_demo(args, family: dict[str, Path], out: Path, t0: float) -> int:
     from evolve.path_model import PathModels
     from evolve.tasks import default_search_paths, mirror_search_paths
     from merge.config import MergeConfig
-    from merge.engine import InMemoryMerger
 
     root = out / "dataflow"
     seeds = list(range(args.seeds))
@@ -192,17 +202,7 @@ def dataflow_demo(args, family: dict[str, Path], out: Path, t0: float) -> int:
     torch.set_num_threads(2)
     include = mirror_search_paths(default_search_paths(), out / ".tasks")
     tok = AutoTokenizer.from_pretrained(family["base"])
-    rows: list[tuple[str, dict]] = []
-    for label, path in [("base", family["base"])] + [(f"parent: {s}", family[s])
-                                                     for s in COMPOSED]:
-        rows.append((label, composition_scores(AutoModelForCausalLM.from_pretrained(path).eval(),
-                                               tok, include)))
-    uniform = MergeConfig.from_dict({
-        "merge_method": "task_arithmetic", "base_model": str(family["base"]),
-        "models": [{"model": str(family[s]), "parameters": {"weight": UNIFORM_WEIGHT}}
-                   for s in COMPOSED]})
-    rows.append((f"uniform task arithmetic ({UNIFORM_WEIGHT})",
-                 composition_scores(InMemoryMerger().build_model(uniform), tok, include)))
+    rows = reference_rows(family, COMPOSED, lambda model: composition_scores(model, tok, include))
     checks = []
     for kind, label in (("ps", "PS"), ("dfs", "DFS"), ("psdfs", "PS+DFS")):
         for seed in seeds:
